@@ -85,7 +85,7 @@ def crd_drift(directory: Path) -> list[str]:
         elif path.read_text(encoding="utf-8") != text:
             problems.append(f"{path}: stale (differs from what src/kleave/api/ generates)")
     problems.extend(
-        f"{path}: extra (no kind generates it any more)"
+        f"{path}: extra (nothing generates it any more)"
         for path in _extra_files(directory, rendered)
     )
     return problems

@@ -170,7 +170,9 @@ class Builder:
         for relative in KWOK_STAGE_FILES:
             source = module_dir / relative
             if not source.is_file():
-                raise BuildError("kwok", str(self._log("kwok")), f"stage file {relative} is missing from the kwok module")
+                raise BuildError(
+                    "kwok", str(self._log("kwok")), f"stage file {relative} is missing from the kwok module"
+                )
             shutil.copyfile(source, stages / Path(relative).name)
 
     def _module_info(self, step: str, module: str) -> dict[str, str]:
@@ -215,9 +217,14 @@ class Builder:
                     break
                 except subprocess.TimeoutExpired:
                     self.progress(f"    ... go {args[0]} ({step}) still running, {time.monotonic() - started:.0f}s")
+        if capture and stdout:
+            with log_path.open("a") as log:
+                log.write(stdout)
         if process.returncode != 0:
             raise BuildError(
-                step, str(log_path), f"`go {' '.join(args[:2])}` exited {process.returncode}: {_last_line(log_path)}"
+                step,
+                str(log_path),
+                f"`go {' '.join(args[:2])}` exited {process.returncode}: {_go_error(stdout, log_path)}",
             )
         return stdout or ""
 
@@ -237,6 +244,17 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _last_line(log_path: Path) -> str:
-    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+def _go_error(stdout: str | None, log_path: Path) -> str:
+    """The most telling line: `-json` commands report errors in stdout, others on stderr."""
+    try:
+        error = json.loads(stdout or "").get("Error")
+    except (ValueError, AttributeError):
+        error = None
+    if error:
+        return str(error)[:300]
+    lines = [
+        line.strip()
+        for line in log_path.read_text(errors="replace").splitlines()
+        if line.strip() and not line.startswith("$ ")
+    ]
     return lines[-1][:300] if lines else "(no output)"

@@ -1,0 +1,170 @@
+"""The `kleave` command: dev-cluster, crds, operator."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from kleave import __version__
+from kleave.devcluster.errors import DevClusterError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _state_dir_option(func: F) -> F:
+    return click.option(
+        "--state-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Cluster state directory [default: $KLEAVE_CLUSTER_DIR or $KLEAVE_CACHE/clusters/default].",
+    )(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kleave")
+def main() -> None:
+    """kleave: disaggregated LLM inference and agent sandboxes on Kubernetes."""
+
+
+# ----- dev-cluster ----------------------------------------------------------------------------
+@main.group("dev-cluster")
+def dev_cluster() -> None:
+    """A real local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok)."""
+
+
+def _cluster(state_dir: Path | None) -> Any:
+    from kleave.devcluster.cluster import DevCluster
+
+    return DevCluster(state_dir=state_dir, progress=lambda line: click.echo(line, err=True))
+
+
+def _fail(error: Exception) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(1)
+
+
+@dev_cluster.command("up")
+@_state_dir_option
+@click.option(
+    "--nodes",
+    default=None,
+    metavar="GROUPS",
+    help="Fake nodes as COUNTxPRODUCT[:GPUS],... [default: 4xH100-SXM:8,4xH20:8,2xcpu].",
+)
+@click.option("--apiserver-port", type=click.IntRange(0, 65535), default=0, help="0 picks a free port.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per component.")
+def dev_cluster_up(state_dir: Path | None, nodes: str | None, apiserver_port: int, timeout: float) -> None:
+    """Build (once) and start the cluster; a no-op when it already runs."""
+    from kleave.devcluster.nodes import parse_node_groups
+
+    try:
+        groups = parse_node_groups(nodes) if nodes is not None else None
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--nodes") from error
+    cluster = _cluster(state_dir)
+    try:
+        state = cluster.up(node_groups=groups, apiserver_port=apiserver_port, timeout=timeout)
+    except DevClusterError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        click.echo("interrupted: stopped what had started", err=True)
+        sys.exit(130)
+    click.echo(state.kubeconfig)
+    click.echo(
+        f"\nThe cluster is up ({len(state.nodes)} nodes). Use it with:\n"
+        f"  export KUBECONFIG={state.kubeconfig}\n"
+        "  kubectl get nodes -L nvidia.com/gpu.product\n"
+        f"Stop it with: kleave dev-cluster down{_state_flag(state_dir)}",
+        err=True,
+    )
+
+
+@dev_cluster.command("build")
+def dev_cluster_build() -> None:
+    """Build the pinned control-plane binaries into the cache (skips what is built)."""
+    from kleave.devcluster.build import Builder
+    from kleave.devcluster.paths import Binaries, cache_dir
+
+    try:
+        binaries = Builder(Binaries(cache_dir()), lambda line: click.echo(line, err=True)).ensure()
+    except DevClusterError as error:
+        _fail(error)
+    click.echo(binaries.root)
+
+
+@dev_cluster.command("down")
+@_state_dir_option
+def dev_cluster_down(state_dir: Path | None) -> None:
+    """Stop every process of the cluster and delete its state directory."""
+    cluster = _cluster(state_dir)
+    try:
+        stopped = cluster.down()
+    except DevClusterError as error:
+        _fail(error)
+    click.echo(f"stopped {stopped} processes; removed {cluster.state_dir}" if stopped else "no dev cluster running")
+
+
+@dev_cluster.command("status")
+@_state_dir_option
+def dev_cluster_status(state_dir: Path | None) -> None:
+    """Show each component, the API server's readiness and node readiness (exit 1 unless up)."""
+    status = _cluster(state_dir).status()
+    if status.state is None:
+        click.echo(f"no dev cluster in {status.state_dir}")
+        sys.exit(1)
+    click.echo(f"state dir:  {status.state_dir}\nserver:     {status.state.server}")
+    click.echo(f"kubeconfig: {status.state.kubeconfig}\nphase:      {status.state.phase}")
+    for component in status.components:
+        click.echo(f"  {component.name:<24} pid {component.pid:<8} {'running' if component.alive else 'DEAD'}")
+    click.echo(f"API server: {'ready' if status.apiserver_ready else 'NOT ready'}")
+    click.echo(f"nodes:      {status.nodes_ready}/{status.nodes_total} Ready")
+    sys.exit(0 if status.running else 1)
+
+
+@dev_cluster.command("kubeconfig")
+@_state_dir_option
+def dev_cluster_kubeconfig(state_dir: Path | None) -> None:
+    """Print the kubeconfig path (for `export KUBECONFIG=$(kleave dev-cluster kubeconfig)`)."""
+    cluster = _cluster(state_dir)
+    if cluster.load_state() is None:
+        _fail(DevClusterError(f"no dev cluster in {cluster.state_dir}: run `kleave dev-cluster up`"))
+    click.echo(cluster.kubeconfig_path)
+
+
+def _state_flag(state_dir: Path | None) -> str:
+    return f" --state-dir {state_dir}" if state_dir else ""
+
+
+# ----- crds -----------------------------------------------------------------------------------
+@main.group("crds")
+def crds() -> None:
+    """CustomResourceDefinitions generated from kleave.api."""
+
+
+@crds.command("generate")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("crds"), show_default=True)
+def crds_generate(output: Path) -> None:
+    """Write the CRD YAML files (checked in under crds/ and the Helm chart)."""
+    from kleave.api.registry import write_crds
+
+    for path in write_crds(output):
+        click.echo(path)
+
+
+@crds.command("check")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("crds"), show_default=True)
+def crds_check(output: Path) -> None:
+    """Exit 1 when the checked-in CRDs differ from what kleave.api generates."""
+    from kleave.api.registry import crd_drift
+
+    drift = crd_drift(output)
+    for line in drift:
+        click.echo(line, err=True)
+    if drift:
+        click.echo("run `kleave crds generate` and commit the result", err=True)
+        sys.exit(1)
+    click.echo("crds are up to date")
