@@ -20,7 +20,8 @@ def _state_dir_option(func: F) -> F:
         "--state-dir",
         type=click.Path(file_okay=False, path_type=Path),
         default=None,
-        help="Cluster state directory [default: $KLEAVE_CLUSTER_DIR or $KLEAVE_CACHE/clusters/default].",
+        help="Cluster state directory "
+        "[default: $KLEAVE_CLUSTER_DIR or $KLEAVE_CACHE/clusters/default].",
     )(func)
 
 
@@ -55,9 +56,15 @@ def _fail(error: Exception) -> None:
     metavar="GROUPS",
     help="Fake nodes as COUNTxPRODUCT[:GPUS],... [default: 4xH100-SXM:8,4xH20:8,2xcpu].",
 )
-@click.option("--apiserver-port", type=click.IntRange(0, 65535), default=0, help="0 picks a free port.")
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per component.")
-def dev_cluster_up(state_dir: Path | None, nodes: str | None, apiserver_port: int, timeout: float) -> None:
+@click.option(
+    "--apiserver-port", type=click.IntRange(0, 65535), default=0, help="0 picks a free port."
+)
+@click.option(
+    "--timeout", type=float, default=120.0, show_default=True, help="Seconds per component."
+)
+def dev_cluster_up(
+    state_dir: Path | None, nodes: str | None, apiserver_port: int, timeout: float
+) -> None:
     """Build (once) and start the cluster; a no-op when it already runs."""
     from kleave.devcluster.nodes import parse_node_groups
 
@@ -105,7 +112,11 @@ def dev_cluster_down(state_dir: Path | None) -> None:
         stopped = cluster.down()
     except DevClusterError as error:
         _fail(error)
-    click.echo(f"stopped {stopped} processes; removed {cluster.state_dir}" if stopped else "no dev cluster running")
+    click.echo(
+        f"stopped {stopped} processes; removed {cluster.state_dir}"
+        if stopped
+        else "no dev cluster running"
+    )
 
 
 @dev_cluster.command("status")
@@ -119,7 +130,10 @@ def dev_cluster_status(state_dir: Path | None) -> None:
     click.echo(f"state dir:  {status.state_dir}\nserver:     {status.state.server}")
     click.echo(f"kubeconfig: {status.state.kubeconfig}\nphase:      {status.state.phase}")
     for component in status.components:
-        click.echo(f"  {component.name:<24} pid {component.pid:<8} {'running' if component.alive else 'DEAD'}")
+        click.echo(
+            f"  {component.name:<24} pid {component.pid:<8} "
+            + ("running" if component.alive else "DEAD")
+        )
     click.echo(f"API server: {'ready' if status.apiserver_ready else 'NOT ready'}")
     click.echo(f"nodes:      {status.nodes_ready}/{status.nodes_total} Ready")
     sys.exit(0 if status.running else 1)
@@ -131,7 +145,9 @@ def dev_cluster_kubeconfig(state_dir: Path | None) -> None:
     """Print the kubeconfig path (for `export KUBECONFIG=$(kleave dev-cluster kubeconfig)`)."""
     cluster = _cluster(state_dir)
     if cluster.load_state() is None:
-        _fail(DevClusterError(f"no dev cluster in {cluster.state_dir}: run `kleave dev-cluster up`"))
+        _fail(
+            DevClusterError(f"no dev cluster in {cluster.state_dir}: run `kleave dev-cluster up`")
+        )
     click.echo(cluster.kubeconfig_path)
 
 
@@ -146,7 +162,12 @@ def crds() -> None:
 
 
 @crds.command("generate")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("crds"), show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("crds"),
+    show_default=True,
+)
 def crds_generate(output: Path) -> None:
     """Write the CRD YAML files (checked in under crds/ and the Helm chart)."""
     from kleave.api.registry import write_crds
@@ -156,7 +177,12 @@ def crds_generate(output: Path) -> None:
 
 
 @crds.command("check")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("crds"), show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("crds"),
+    show_default=True,
+)
 def crds_check(output: Path) -> None:
     """Exit 1 when the checked-in CRDs differ from what kleave.api generates."""
     from kleave.api.registry import crd_drift

@@ -42,9 +42,13 @@ KWOK_STAGE_FILES = (
 _HEARTBEAT_SECONDS = 60.0
 
 
-def staging_replaces(kubernetes_gomod: str, kubernetes_version: str = KUBERNETES_VERSION) -> list[str]:
-    """Replace lines for every staging module that `k8s.io/kubernetes`'s go.mod requires at v0.0.0."""
-    modules = sorted(set(re.findall(r"^\s*(k8s\.io/[\w.\-/]+)\s+v0\.0\.0\s*$", kubernetes_gomod, re.M)))
+def staging_replaces(
+    kubernetes_gomod: str, kubernetes_version: str = KUBERNETES_VERSION
+) -> list[str]:
+    """Replace lines for the staging modules `k8s.io/kubernetes` requires at v0.0.0."""
+    modules = sorted(
+        set(re.findall(r"^\s*(k8s\.io/[\w.\-/]+)\s+v0\.0\.0\s*$", kubernetes_gomod, re.M))
+    )
     if not modules:
         raise ValueError("no staging modules (k8s.io/* v0.0.0) found in k8s.io/kubernetes's go.mod")
     published = staging_version(kubernetes_version)
@@ -105,7 +109,11 @@ class Builder:
     def missing(self) -> list[str]:
         """Components that still need a build."""
         b = self.binaries
-        return [name for name, d in self._components() if not (d / ".built").exists() or not _has_bins(b, name)]
+        return [
+            name
+            for name, d in self._components()
+            if not (d / ".built").exists() or not _has_bins(b, name)
+        ]
 
     def ensure(self) -> Binaries:
         """Build whatever is missing; a no-op (no Go needed) when everything is cached."""
@@ -115,12 +123,16 @@ class Builder:
         self._go = check_go_toolchain()
         self.binaries.logs.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        self.progress(f"==> building {', '.join(todo)} into {self.binaries.root} (first run: minutes)")
+        self.progress(
+            f"==> building {', '.join(todo)} into {self.binaries.root} (first run: minutes)"
+        )
         for name, directory in self._components():
             if name in todo:
                 shutil.rmtree(directory / ".built", ignore_errors=True)
                 getattr(self, f"_build_{name}")(directory)
-                (directory / ".built").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+                (directory / ".built").write_text(
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime())
+                )
         self.progress(f"==> control plane built in {time.monotonic() - started:.0f}s")
         return self.binaries
 
@@ -130,7 +142,9 @@ class Builder:
 
     def _build_kubernetes(self, directory: Path) -> None:
         src = _fresh_dir(directory / "src")
-        gomod_path = self._module_info("kubernetes", f"k8s.io/kubernetes@v{KUBERNETES_VERSION}")["GoMod"]
+        gomod_path = self._module_info("kubernetes", f"k8s.io/kubernetes@v{KUBERNETES_VERSION}")[
+            "GoMod"
+        ]
         replaces = staging_replaces(Path(gomod_path).read_text())
         (src / "go.mod").write_text(
             "module kleave.local/kubernetes-build\n\ngo 1.24\n\n"
@@ -154,7 +168,11 @@ class Builder:
         self._go_run("etcd", ["get", f"go.etcd.io/etcd/server/v3@v{ETCD_VERSION}"], src)
         self.progress(f"    compiling etcd v{ETCD_VERSION}")
         (directory / "bin").mkdir(exist_ok=True)
-        self._go_run("etcd", ["build", "-o", str(directory / "bin" / "etcd"), "go.etcd.io/etcd/server/v3"], src)
+        self._go_run(
+            "etcd",
+            ["build", "-o", str(directory / "bin" / "etcd"), "go.etcd.io/etcd/server/v3"],
+            src,
+        )
 
     def _build_kwok(self, directory: Path) -> None:
         self.progress(f"    compiling kwok v{KWOK_VERSION}")
@@ -171,15 +189,21 @@ class Builder:
             source = module_dir / relative
             if not source.is_file():
                 raise BuildError(
-                    "kwok", str(self._log("kwok")), f"stage file {relative} is missing from the kwok module"
+                    "kwok",
+                    str(self._log("kwok")),
+                    f"stage file {relative} is missing from the kwok module",
                 )
             shutil.copyfile(source, stages / Path(relative).name)
 
     def _module_info(self, step: str, module: str) -> dict[str, str]:
-        output = self._go_run(step, ["mod", "download", "-json", module], self.binaries.root, capture=True)
+        output = self._go_run(
+            step, ["mod", "download", "-json", module], self.binaries.root, capture=True
+        )
         info: dict[str, str] = json.loads(output)
         if "Error" in info:
-            raise BuildError(step, str(self._log(step)), f"go mod download {module}: {info['Error']}")
+            raise BuildError(
+                step, str(self._log(step)), f"go mod download {module}: {info['Error']}"
+            )
         return info
 
     def _log(self, step: str) -> Path:
@@ -216,7 +240,10 @@ class Builder:
                     stdout, _ = process.communicate(timeout=_HEARTBEAT_SECONDS)
                     break
                 except subprocess.TimeoutExpired:
-                    self.progress(f"    ... go {args[0]} ({step}) still running, {time.monotonic() - started:.0f}s")
+                    self.progress(
+                        f"    ... go {args[0]} ({step}) still running, "
+                        f"{time.monotonic() - started:.0f}s"
+                    )
         if capture and stdout:
             with log_path.open("a") as log:
                 log.write(stdout)
@@ -224,14 +251,19 @@ class Builder:
             raise BuildError(
                 step,
                 str(log_path),
-                f"`go {' '.join(args[:2])}` exited {process.returncode}: {_go_error(stdout, log_path)}",
+                f"`go {' '.join(args[:2])}` exited {process.returncode}: "
+                + _go_error(stdout, log_path),
             )
         return stdout or ""
 
 
 def _has_bins(binaries: Binaries, component: str) -> bool:
     paths = {
-        "kubernetes": [binaries.kube_apiserver, binaries.kube_controller_manager, binaries.kube_scheduler],
+        "kubernetes": [
+            binaries.kube_apiserver,
+            binaries.kube_controller_manager,
+            binaries.kube_scheduler,
+        ],
         "etcd": [binaries.etcd],
         "kwok": [binaries.kwok, *(binaries.kwok_stages / Path(f).name for f in KWOK_STAGE_FILES)],
     }[component]

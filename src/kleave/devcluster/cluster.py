@@ -17,7 +17,12 @@ import httpx
 from kleave.devcluster import kubeconfig, pki, processes
 from kleave.devcluster.build import Builder, Progress
 from kleave.devcluster.errors import DevClusterError, PortInUseError, StaleStateError, StartupError
-from kleave.devcluster.nodes import DEFAULT_NODE_GROUPS, NodeGroup, node_manifests, parse_node_groups
+from kleave.devcluster.nodes import (
+    DEFAULT_NODE_GROUPS,
+    NodeGroup,
+    node_manifests,
+    parse_node_groups,
+)
 from kleave.devcluster.paths import Binaries, cache_dir, default_state_dir
 
 STATE_FILE = "state.json"
@@ -79,7 +84,9 @@ class ClusterStatus:
 
     @property
     def running(self) -> bool:
-        return bool(self.components) and all(c.alive for c in self.components) and self.apiserver_ready
+        return (
+            bool(self.components) and all(c.alive for c in self.components) and self.apiserver_ready
+        )
 
 
 class DevCluster:
@@ -142,12 +149,12 @@ class DevCluster:
     def _prepare_state_dir(self) -> ClusterState | None:
         """Return the running cluster, make a fresh dir, or explain what is stale."""
         hint = self._down_hint()
-        if self.state_dir.exists() and not (self.state_dir / MARKER_FILE).exists():
-            if any(self.state_dir.iterdir()):
-                raise DevClusterError(
-                    f"{self.state_dir} is not empty and is not a kleave dev-cluster state directory: "
-                    "choose another --state-dir or empty it"
-                )
+        foreign = self.state_dir.exists() and not (self.state_dir / MARKER_FILE).exists()
+        if foreign and any(self.state_dir.iterdir()):
+            raise DevClusterError(
+                f"{self.state_dir} is not empty and is not a kleave dev-cluster state directory: "
+                "choose another --state-dir or empty it"
+            )
         state = self.load_state()
         if state is None:
             strays = processes.processes_mentioning(self._marker)
@@ -158,12 +165,18 @@ class DevCluster:
                 )
             shutil.rmtree(self.state_dir, ignore_errors=True)
             self.state_dir.mkdir(parents=True)
-            (self.state_dir / MARKER_FILE).write_text("kleave dev-cluster state; `kleave dev-cluster down` removes it\n")
+            (self.state_dir / MARKER_FILE).write_text(
+                "kleave dev-cluster state; `kleave dev-cluster down` removes it\n"
+            )
             return None
         dead = [c.name for c in state.components if not processes.is_alive(c.pid)]
         if state.phase == "Running" and not dead and self._apiserver_ready(state):
             return state
-        what = f"{', '.join(dead)} not running" if dead else f"phase {state.phase}, API server not ready"
+        what = (
+            f"{', '.join(dead)} not running"
+            if dead
+            else f"phase {state.phase}, API server not ready"
+        )
         raise StaleStateError(
             f"stale dev-cluster state in {self.state_dir} ({what}): run `{hint}` to clean up, "
             "then `kleave dev-cluster up`"
@@ -192,7 +205,9 @@ class DevCluster:
         configs = {
             client: kubeconfig.write(
                 self.state_dir / ("kubeconfig" if client == "admin" else f"{client}.kubeconfig"),
-                kubeconfig.render(state.server, ca_pem, creds.token(client), pki.CLIENT_IDENTITIES[client][0]),
+                kubeconfig.render(
+                    state.server, ca_pem, creds.token(client), pki.CLIENT_IDENTITIES[client][0]
+                ),
             )
             for client in pki.CLIENT_IDENTITIES
         }
@@ -204,10 +219,15 @@ class DevCluster:
             state,
             "etcd",
             [
-                str(b.etcd), "--name=default", f"--data-dir={self.state_dir}/etcd",
-                f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-                f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=default={peer_url}", "--unsafe-no-fsync",
+                str(b.etcd),
+                "--name=default",
+                f"--data-dir={self.state_dir}/etcd",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
+                "--unsafe-no-fsync",
                 "--quota-backend-bytes=4294967296",
             ],
             lambda client: client.get(f"{etcd_url}/health").json().get("health") == "true",
@@ -217,35 +237,49 @@ class DevCluster:
             state,
             "kube-apiserver",
             [
-                str(b.kube_apiserver), f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-                f"--secure-port={p['apiserver']}", f"--cert-dir={self.state_dir}/apiserver",
-                f"--tls-cert-file={creds.serving_cert}", f"--tls-private-key-file={creds.serving_key}",
-                f"--client-ca-file={creds.ca_cert}", f"--token-auth-file={creds.token_file}",
-                "--authorization-mode=RBAC", "--anonymous-auth=true",
+                str(b.kube_apiserver),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={p['apiserver']}",
+                f"--cert-dir={self.state_dir}/apiserver",
+                f"--tls-cert-file={creds.serving_cert}",
+                f"--tls-private-key-file={creds.serving_key}",
+                f"--client-ca-file={creds.ca_cert}",
+                f"--token-auth-file={creds.token_file}",
+                "--authorization-mode=RBAC",
+                "--anonymous-auth=true",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={creds.service_account_pub}",
                 f"--service-account-signing-key-file={creds.service_account_key}",
                 f"--service-cluster-ip-range={pki.SERVICE_CLUSTER_IP_RANGE}",
-                "--allow-privileged=true", "--endpoint-reconciler-type=none", "--profiling=false",
+                "--allow-privileged=true",
+                "--endpoint-reconciler-type=none",
+                "--profiling=false",
             ],
             lambda _client: self._apiserver_ready(state),
             timeout,
         )
         component_flags = [
-            "--leader-elect=false", "--bind-address=127.0.0.1", "--profiling=false",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            "--profiling=false",
         ]
         cm_config = configs["controller-manager"]
         self._launch(
             state,
             "kube-controller-manager",
             [
-                str(b.kube_controller_manager), f"--kubeconfig={cm_config}",
-                f"--authentication-kubeconfig={cm_config}", f"--authorization-kubeconfig={cm_config}",
-                *component_flags, f"--secure-port={p['controller-manager']}",
+                str(b.kube_controller_manager),
+                f"--kubeconfig={cm_config}",
+                f"--authentication-kubeconfig={cm_config}",
+                f"--authorization-kubeconfig={cm_config}",
+                *component_flags,
+                f"--secure-port={p['controller-manager']}",
                 f"--cert-dir={self.state_dir}/controller-manager",
                 f"--service-account-private-key-file={creds.service_account_key}",
-                f"--root-ca-file={creds.ca_cert}", "--use-service-account-credentials=true",
+                f"--root-ca-file={creds.ca_cert}",
+                "--use-service-account-credentials=true",
                 f"--cluster-signing-cert-file={creds.ca_cert}",
                 f"--cluster-signing-key-file={creds.directory / 'ca.key'}",
             ],
@@ -257,9 +291,12 @@ class DevCluster:
             state,
             "kube-scheduler",
             [
-                str(b.kube_scheduler), f"--kubeconfig={sched_config}",
-                f"--authentication-kubeconfig={sched_config}", f"--authorization-kubeconfig={sched_config}",
-                *component_flags, f"--secure-port={p['scheduler']}",
+                str(b.kube_scheduler),
+                f"--kubeconfig={sched_config}",
+                f"--authentication-kubeconfig={sched_config}",
+                f"--authorization-kubeconfig={sched_config}",
+                *component_flags,
+                f"--secure-port={p['scheduler']}",
                 f"--cert-dir={self.state_dir}/scheduler",
             ],
             _https_ok(f"https://127.0.0.1:{p['scheduler']}/healthz"),
@@ -270,10 +307,15 @@ class DevCluster:
             state,
             "kwok",
             [
-                str(b.kwok), f"--kubeconfig={configs['kwok']}", "--manage-all-nodes=false",
+                str(b.kwok),
+                f"--kubeconfig={configs['kwok']}",
+                "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
-                "--node-lease-duration-seconds=40", "--node-ip=127.0.0.1", f"--cidr={pki.POD_CIDR}",
-                f"--server-address=127.0.0.1:{p['kwok']}", *stage_flags,
+                "--node-lease-duration-seconds=40",
+                "--node-ip=127.0.0.1",
+                f"--cidr={pki.POD_CIDR}",
+                f"--server-address=127.0.0.1:{p['kwok']}",
+                *stage_flags,
             ],
             _http_ok(f"http://127.0.0.1:{p['kwok']}/healthz"),
             timeout,
@@ -309,7 +351,9 @@ class DevCluster:
                 except (httpx.HTTPError, ValueError):
                     pass
                 if time.monotonic() > deadline:
-                    raise StartupError(f"{name} did not become healthy within {timeout:.0f}s (log: {log})")
+                    raise StartupError(
+                        f"{name} did not become healthy within {timeout:.0f}s (log: {log})"
+                    )
                 time.sleep(0.25)
 
     def _apiserver_ready(self, state: ClusterState) -> bool:
@@ -336,7 +380,8 @@ class DevCluster:
     def status(self) -> ClusterStatus:
         state = self.load_state()
         components = [
-            ComponentStatus(c.name, c.pid, processes.is_alive(c.pid), c.log) for c in (state.components if state else [])
+            ComponentStatus(c.name, c.pid, processes.is_alive(c.pid), c.log)
+            for c in (state.components if state else [])
         ]
         ready = bool(state) and self._apiserver_ready(state)  # type: ignore[arg-type]
         nodes_ready = nodes_total = 0
@@ -349,7 +394,9 @@ class DevCluster:
         if not self.state_dir.exists():
             return 0
         if not (self.state_dir / MARKER_FILE).exists():
-            raise DevClusterError(f"{self.state_dir} is not a kleave dev-cluster state directory; not touching it")
+            raise DevClusterError(
+                f"{self.state_dir} is not a kleave dev-cluster state directory; not touching it"
+            )
         state = self.load_state()
         # Reverse start order: kwok and the controllers go before the API server and etcd.
         recorded = [c.pid for c in reversed(state.components)] if state else []
@@ -358,7 +405,9 @@ class DevCluster:
         processes.stop(alive)
         left = processes.processes_mentioning(self._marker)
         if left:
-            raise DevClusterError(f"could not stop pids {', '.join(map(str, left))}; kill them and retry")
+            raise DevClusterError(
+                f"could not stop pids {', '.join(map(str, left))}; kill them and retry"
+            )
         shutil.rmtree(self.state_dir)
         return len(alive)
 
@@ -366,7 +415,9 @@ class DevCluster:
         """Start an extra process (the demo's operator) that `down` stops with the cluster."""
         state = self.load_state()
         if state is None:
-            raise DevClusterError(f"no dev cluster in {self.state_dir}: run `kleave dev-cluster up` first")
+            raise DevClusterError(
+                f"no dev cluster in {self.state_dir}: run `kleave dev-cluster up` first"
+            )
         pid = processes.start(argv, log)
         state.components.append(Component(name=name, pid=pid, argv=argv, log=str(log)))
         state.save(self._state_path)
@@ -395,7 +446,7 @@ _http_ok = _https_ok
 def _api_client(kubeconfig_path: Path) -> Any:
     from kubernetes import config
 
-    return config.new_client_from_config(config_file=str(kubeconfig_path))
+    return config.new_client_from_config(config_file=str(kubeconfig_path))  # type: ignore[no-untyped-call]
 
 
 def _create_nodes(kubeconfig_path: Path, groups: list[NodeGroup], timeout: float) -> list[str]:
@@ -408,20 +459,25 @@ def _create_nodes(kubeconfig_path: Path, groups: list[NodeGroup], timeout: float
         names = []
         for manifest in node_manifests(groups):
             try:
-                core.create_node(manifest)
+                core.create_node(manifest)  # type: ignore[arg-type]  # the client takes dicts
             except ApiException as error:
                 if error.status != 409:
                     raise
             names.append(manifest["metadata"]["name"])
         deadline = time.monotonic() + timeout
         while True:
-            ready = {n.metadata.name for n in core.list_node().items if _is_ready(n)}
-            sa_ok = any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account("default").items)
+            ready = {n.metadata.name for n in core.list_node().items if n.metadata and _is_ready(n)}
+            # Pods are refused until the controller-manager has made the `default` account.
+            accounts = core.list_namespaced_service_account("default").items
+            sa_ok = any(sa.metadata and sa.metadata.name == "default" for sa in accounts)
             if ready >= set(names) and sa_ok:
                 return names
             if time.monotonic() > deadline:
                 missing = sorted(set(names) - ready)
-                raise StartupError(f"nodes not Ready within {timeout:.0f}s: {', '.join(missing[:5]) or 'default SA missing'}")
+                raise StartupError(
+                    f"nodes not Ready within {timeout:.0f}s: "
+                    + (", ".join(missing[:5]) or "default ServiceAccount missing")
+                )
             time.sleep(0.25)
 
 

@@ -10,7 +10,14 @@ KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
-GPU_MEMORY_MIB = {"H100-SXM": 81559, "H100-PCIe": 81559, "H200": 143771, "H20": 97871, "A100-SXM4-80GB": 81920, "L40S": 46068}
+GPU_MEMORY_MIB = {
+    "H100-SXM": 81559,
+    "H100-PCIe": 81559,
+    "H200": 143771,
+    "H20": 97871,
+    "A100-SXM4-80GB": 81920,
+    "L40S": 46068,
+}
 """What NVIDIA's GPU feature discovery reports as `nvidia.com/gpu.memory` for known products."""
 
 DEFAULT_NODE_GROUPS = "4xH100-SXM:8,4xH20:8,2xcpu"
@@ -43,7 +50,8 @@ def parse_node_groups(text: str) -> list[NodeGroup]:
         match = _GROUP.match(item)
         if not match:
             raise ValueError(
-                f"bad node group {item!r}: expected COUNTxPRODUCT[:GPUS], e.g. 4xH100-SXM:8 or 2xcpu"
+                f"bad node group {item!r}: expected COUNTxPRODUCT[:GPUS], "
+                "e.g. 4xH100-SXM:8 or 2xcpu"
             )
         count = int(match["count"])
         product = match["product"]

@@ -88,9 +88,15 @@ def generate(directory: Path) -> Pki:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -100,10 +106,17 @@ def generate(directory: Path) -> Pki:
     serving_key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [
         x509.DNSName(n)
-        for n in ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                  "kubernetes.default.svc.cluster.local")
+        for n in (
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        )
     ]
-    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", _KUBERNETES_SERVICE_IP)]
+    names += [
+        x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", _KUBERNETES_SERVICE_IP)
+    ]
     serving_cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
@@ -113,7 +126,9 @@ def generate(directory: Path) -> Pki:
         .not_valid_before(now)
         .not_valid_after(now + _VALIDITY)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
 
@@ -131,7 +146,9 @@ def generate(directory: Path) -> Pki:
         ),
     )
     rows = [
-        f'{secrets.token_hex(24)},{user},{user},"{group}"' if group else f"{secrets.token_hex(24)},{user},{user}"
+        f'{secrets.token_hex(24)},{user},{user},"{group}"'
+        if group
+        else f"{secrets.token_hex(24)},{user},{user}"
         for user, group in CLIENT_IDENTITIES.values()
     ]
     _write(pki.token_file, ("\n".join(rows) + "\n").encode())
