@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -362,7 +363,7 @@ class DevCluster:
             response = httpx.get(
                 f"{state.server}/readyz",
                 headers={"Authorization": f"Bearer {token}"},
-                verify=str(self.state_dir / "pki" / "ca.crt"),
+                verify=ssl.create_default_context(cafile=str(self.state_dir / "pki" / "ca.crt")),
                 timeout=2.0,
             )
         except (httpx.HTTPError, OSError):
