@@ -1,0 +1,20 @@
+"""`make bench`: run every benchmark and print its Markdown table."""
+
+from __future__ import annotations
+
+import argparse
+
+from bench import devcluster
+
+BENCHMARKS = {"devcluster": devcluster.main}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], help="default: all")
+    args = parser.parse_args()
+    for name in args.names or BENCHMARKS:
+        print(BENCHMARKS[name]())
+
+
+main()
