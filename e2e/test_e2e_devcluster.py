@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 from conftest import Cluster, tool, wait_for
-
 from kleave.devcluster import processes
 
 GPU_DEPLOYMENT = """

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from kleave.api import registry
 from kleave.api.crd import YAML_HEADER
@@ -31,7 +28,9 @@ def test_render_names_files_by_group_and_plural() -> None:
 
 
 def test_drift_reports_missing_stale_and_extra_files(tmp_path: Path) -> None:
-    assert registry.crd_drift(tmp_path) == [f"{tmp_path / ID_FILE}: missing"]
+    assert registry.crd_drift(tmp_path) == [
+        f"{tmp_path / name}: missing" for name in sorted(registry.render_crds())
+    ]
     registry.write_crds(tmp_path)
     assert registry.crd_drift(tmp_path) == []
     (tmp_path / ID_FILE).write_text("edited by hand\n")
@@ -47,54 +46,10 @@ def test_write_crds_converges_and_leaves_current_files_alone(tmp_path: Path) -> 
     (tmp_path / "kleave.dev_oldkinds.yaml").write_text("renamed long ago\n")
     (tmp_path / "unrelated.yaml").write_text("not ours\n")
     written = registry.write_crds(tmp_path)
-    assert written == [tmp_path / ID_FILE]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [ID_FILE, "unrelated.yaml"]
+    generated = sorted(registry.render_crds())
+    assert written == [tmp_path / name for name in generated]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*generated, "unrelated.yaml"])
     os.utime(written[0], (0, 0))
     registry.write_crds(tmp_path)
     assert written[0].stat().st_mtime == 0
     assert registry.crd_drift(tmp_path) == []
-
-
-def peering_crd(plural: str = "clusterkopfpeerings") -> dict[str, Any]:
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.kopf.dev"},
-        "spec": {"group": "kopf.dev", "names": {"kind": "ClusterKopfPeering", "plural": plural}},
-    }
-
-
-@pytest.fixture
-def no_static_crds(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_static_crds", {})
-
-
-@pytest.mark.usefixtures("no_static_crds")
-def test_static_crds_are_rendered_and_checked(tmp_path: Path) -> None:
-    registry.register_static_crd("kopf.dev_clusterkopfpeerings.yaml", peering_crd())
-    registry.register_static_crd("kopf.dev_clusterkopfpeerings.yaml", peering_crd())
-    assert list(registry.render_crds()) == [ID_FILE, "kopf.dev_clusterkopfpeerings.yaml"]
-    registry.write_crds(tmp_path)
-    (tmp_path / "kopf.dev_kopfpeerings.yaml").write_text("gone\n")
-    assert registry.crd_drift(tmp_path) == [
-        f"{tmp_path / 'kopf.dev_kopfpeerings.yaml'}: extra (nothing generates it any more)"
-    ]
-
-
-@pytest.mark.usefixtures("no_static_crds")
-@pytest.mark.parametrize(
-    ("filename", "crd", "message"),
-    [
-        ("crds/x.yaml", peering_crd(), "bare"),
-        ("x.json", peering_crd(), "bare"),
-        ("x.yaml", {"kind": "ConfigMap"}, "not a CustomResourceDefinition"),
-        (ID_FILE, peering_crd(), "already generates"),
-        ("kopf.dev_clusterkopfpeerings.yaml", peering_crd("other"), "different CRD"),
-    ],
-)
-def test_register_static_crd_refuses_conflicts(
-    filename: str, crd: dict[str, Any], message: str
-) -> None:
-    registry.register_static_crd("kopf.dev_clusterkopfpeerings.yaml", peering_crd())
-    with pytest.raises(ValueError, match=message):
-        registry.register_static_crd(filename, crd)

@@ -194,3 +194,106 @@ def crds_check(output: Path) -> None:
         click.echo("run `kleave crds generate` and commit the result", err=True)
         sys.exit(1)
     click.echo("crds are up to date")
+
+
+# ----- operator -------------------------------------------------------------------------------
+@main.group("operator")
+def operator() -> None:
+    """The kleave operator (kopf)."""
+
+
+@operator.command("run")
+@click.option(
+    "-n", "--namespace", "namespaces", multiple=True, help="Watch this namespace (repeatable)."
+)
+@click.option("-A", "--all-namespaces", is_flag=True, help="Watch every namespace (cluster-wide).")
+@click.option(
+    "--standalone/--peering",
+    default=True,
+    show_default=True,
+    help="--peering: replicas share a kopf peering object; the highest --priority works, "
+    "the others stand by (give each replica a distinct priority; needs kopf's peering CRDs).",
+)
+@click.option("--peering-name", default="kleave", show_default=True, help="Peering object name.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Peering priority.")
+@click.option("--health-host", default="0.0.0.0", show_default=True, help="Probe/metrics address.")
+@click.option("--health-port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option(
+    "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Kubeconfig to use [default: in-cluster, then $KUBECONFIG / ~/.kube/config].",
+)
+def operator_run(
+    *,
+    namespaces: tuple[str, ...],
+    all_namespaces: bool,
+    standalone: bool,
+    peering_name: str,
+    priority: int,
+    health_host: str,
+    health_port: int,
+    log_format: str,
+    log_level: str,
+    kubeconfig: str | None,
+) -> None:
+    """Run the operator: reconcile kleave's resources; serve /healthz, /readyz and /metrics."""
+    import os
+
+    if not namespaces and not all_namespaces:
+        raise click.UsageError("pass --namespace NS (repeatable) or --all-namespaces")
+    if namespaces and all_namespaces:
+        raise click.UsageError("--namespace and --all-namespaces are exclusive")
+    if kubeconfig:
+        # Before the kubernetes client is imported: it reads $KUBECONFIG at import time.
+        os.environ["KUBECONFIG"] = kubeconfig
+
+    from kleave.operator.runtime import OperatorStartupError, run
+
+    try:
+        run(
+            namespaces=list(namespaces) or None,
+            all_namespaces=all_namespaces,
+            standalone=standalone,
+            peering_name=None if standalone else peering_name,
+            health_host=health_host,
+            health_port=health_port,
+            log_format=log_format,
+            log_level=log_level,
+            priority=priority,
+        )
+    except OperatorStartupError as error:
+        _fail(error)
+
+
+# ----- demo -----------------------------------------------------------------------------------
+@main.group("demo")
+def demo() -> None:
+    """The local demo behind `make demo`."""
+
+
+@demo.command("up")
+@click.option(
+    "--examples",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("examples"),
+    show_default=True,
+)
+def demo_up(examples: Path) -> None:
+    """Start the dev cluster and the operator, apply the examples, show them."""
+    from kleave.demo import Demo
+
+    try:
+        Demo(_cluster(None), examples, click.echo).up()
+    except DevClusterError as error:
+        _fail(error)
+
+
+@demo.command("down")
+def demo_down() -> None:
+    """Stop the demo's operator and cluster."""
+    dev_cluster_down.callback(state_dir=None)  # type: ignore[misc]

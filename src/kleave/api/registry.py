@@ -1,23 +1,24 @@
 """Every CRD kleave installs, rendered to files, and the check that ``crds/`` matches them.
 
-Kinds are generated from their models; other packages may add CRDs they do not model (kopf's
-peering CRDs) with :func:`register_static_crd`, so ``kleave crds generate`` writes them all.
+Kinds are generated from their models; kopf's peering CRDs come from ``kopf_peering``.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kleave.api import inference_deployment
+from kleave.api import inference_deployment, kopf_peering
 from kleave.api.crd import to_yaml
 
 CrdDict = dict[str, Any]
 
-_GENERATORS: tuple[Callable[[], CrdDict], ...] = (inference_deployment.crd,)
-_static_crds: dict[str, CrdDict] = {}
+_GENERATORS: tuple[Callable[[], CrdDict], ...] = (
+    inference_deployment.crd,
+    kopf_peering.cluster_peering_crd,
+    kopf_peering.namespaced_peering_crd,
+)
 
 
 def crd_filename(crd: CrdDict) -> str:
@@ -31,23 +32,9 @@ def generated_crds() -> dict[str, CrdDict]:
     return {crd_filename(crd): crd for crd in crds}
 
 
-def register_static_crd(filename: str, crd: CrdDict) -> None:
-    """Add a hand-written CRD to the rendered set; registering the same one again is a no-op."""
-    if "/" in filename or "\\" in filename or not filename.endswith(".yaml"):
-        raise ValueError(f"static CRD file name must be a bare *.yaml name, got {filename!r}")
-    if crd.get("kind") != "CustomResourceDefinition":
-        raise ValueError(f"{filename}: not a CustomResourceDefinition (kind={crd.get('kind')!r})")
-    if filename in generated_crds():
-        raise ValueError(f"{filename}: a kleave kind already generates this file")
-    if filename in _static_crds and _static_crds[filename] != crd:
-        raise ValueError(f"{filename}: a different CRD is already registered under this name")
-    _static_crds[filename] = copy.deepcopy(crd)
-
-
 def all_crds() -> dict[str, CrdDict]:
-    """Generated and registered CRDs, by file name, sorted by file name."""
-    crds = generated_crds() | copy.deepcopy(_static_crds)
-    return dict(sorted(crds.items()))
+    """Every CRD kleave installs, by file name, sorted by file name."""
+    return dict(sorted(generated_crds().items()))
 
 
 def render_crds() -> dict[str, str]:

@@ -28,7 +28,9 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def get_condition(conditions: Sequence[Mapping[str, Any]] | None, type_: str) -> dict[str, Any] | None:
+def get_condition(
+    conditions: Sequence[Mapping[str, Any]] | None, type_: str
+) -> dict[str, Any] | None:
     """Return a copy of the condition of ``type_``, or None when it is absent."""
     for condition in conditions or ():
         if condition.get("type") == type_:
@@ -38,6 +40,7 @@ def get_condition(conditions: Sequence[Mapping[str, Any]] | None, type_: str) ->
 
 def set_condition(
     conditions: Sequence[Mapping[str, Any]] | None,
+    *,
     type: str,
     status: ConditionStatus,
     reason: str,

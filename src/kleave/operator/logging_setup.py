@@ -119,6 +119,9 @@ def configure_logging(
     ]
     root.addHandler(handler)
     root.setLevel(numeric_level)
+    # Python warnings (deprecations, urllib3's TLS warnings) would otherwise be bare stderr
+    # text that breaks a JSON log stream; as records they get the same format as the rest.
+    logging.captureWarnings(True)
 
     # kopf hides asyncio's debug chatter unless debugging; so do we.
     logging.getLogger("asyncio").setLevel(

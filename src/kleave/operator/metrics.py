@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import kopf
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -45,6 +45,14 @@ RESULT_SUCCESS = "success"
 RESULT_PERMANENT_ERROR = "permanent_error"
 RESULT_TEMPORARY_ERROR = "temporary_error"
 RESULT_ERROR = "error"
+RESULTS = (RESULT_SUCCESS, RESULT_PERMANENT_ERROR, RESULT_TEMPORARY_ERROR, RESULT_ERROR)
+
+
+def declare_kind(kind: str) -> None:
+    """Export zeros for every result of ``kind``, so rates and alerts work before the first run."""
+    for result in RESULTS:
+        RECONCILE_TOTAL.labels(kind=kind, result=result)
+    RECONCILE_DURATION.labels(kind=kind)
 
 
 def classify(error: BaseException | None) -> str:
@@ -82,10 +90,15 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def instrumented(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
+AsyncFn = Callable[P, Coroutine[Any, Any, R]]
+
+
+def instrumented(kind: str) -> Callable[[AsyncFn[P, R]], AsyncFn[P, R]]:
     """Decorate an async kopf handler so every run is tracked as a reconcile of ``kind``."""
 
-    def decorate(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    declare_kind(kind)
+
+    def decorate(fn: AsyncFn[P, R]) -> AsyncFn[P, R]:
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             with track_reconcile(kind):

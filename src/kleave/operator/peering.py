@@ -3,8 +3,7 @@
 kopf keeps several operator replicas from handling the same objects by "peering": each replica
 writes a keep-alive with its priority into the ``status`` of a peering object (``KopfPeering``
 per namespace for namespaced operators, ``ClusterKopfPeering`` for cluster-wide ones, group
-``kopf.dev``); a replica that sees a live peer with a higher priority pauses. The CRDs below are
-the ones kopf documents (its ``peering.yaml``).
+``kopf.dev``); a replica that sees a live peer with a higher priority pauses.
 
 kopf's behaviour when peering is mandatory (a peering name is given) but the CRD or the named
 object is missing is to pause every watch-stream and log that only at DEBUG level: the
@@ -12,9 +11,7 @@ operator looks alive and does nothing. :func:`ensure_peering` runs before kopf s
 with one actionable line when the CRD is missing, and creates the peering object when it is
 absent (replicas racing to create it are fine: a conflict means it exists).
 
-The CRDs join ``crds/`` through :func:`register_peering_crds`, which the CRD generator calls
-explicitly; importing this module registers nothing, so the output never depends on which
-modules happened to be imported first.
+The CRDs themselves are generated with kleave's (``kleave.api.kopf_peering``).
 """
 
 from __future__ import annotations
@@ -23,14 +20,15 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from kubernetes import client, config
+from kubernetes import client
 
-from kleave.api.registry import register_static_crd
+from kleave.api.kopf_peering import (
+    CLUSTER_PEERING_PLURAL,
+    NAMESPACED_PEERING_PLURAL,
+    PEERING_GROUP,
+    PEERING_VERSION,
+)
 
-PEERING_GROUP = "kopf.dev"
-PEERING_VERSION = "v1"
-CLUSTER_PEERING_PLURAL = "clusterkopfpeerings"
-NAMESPACED_PEERING_PLURAL = "kopfpeerings"
 # Not kopf's "default": operators sharing one peering object pause each other, so an unrelated
 # kopf operator in the same cluster must not share kleave's.
 DEFAULT_PEERING_NAME = "kleave"
@@ -41,67 +39,6 @@ _REQUEST_TIMEOUT_S = 15
 
 class PeeringSetupError(RuntimeError):
     """Peering cannot work in this cluster; the message says what to do about it."""
-
-
-def _peering_crd(*, kind: str, plural: str, scope: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{PEERING_GROUP}"},
-        "spec": {
-            "scope": scope,
-            "group": PEERING_GROUP,
-            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-            "versions": [
-                {
-                    "name": PEERING_VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "properties": {
-                                # Keep-alives are keyed by operator identity: free-form.
-                                "status": {
-                                    "type": "object",
-                                    "x-kubernetes-preserve-unknown-fields": True,
-                                },
-                            },
-                        },
-                    },
-                }
-            ],
-        },
-    }
-
-
-def cluster_peering_crd() -> dict[str, Any]:
-    """``ClusterKopfPeering``: used by operators that watch all namespaces."""
-    return _peering_crd(kind="ClusterKopfPeering", plural=CLUSTER_PEERING_PLURAL, scope="Cluster")
-
-
-def namespaced_peering_crd() -> dict[str, Any]:
-    """``KopfPeering``: used by operators restricted to a list of namespaces."""
-    return _peering_crd(kind="KopfPeering", plural=NAMESPACED_PEERING_PLURAL, scope="Namespaced")
-
-
-# File names follow the generator's ``<group>_<plural>.yaml`` convention.
-PEERING_CRD_FILES: dict[str, dict[str, Any]] = {
-    f"{PEERING_GROUP}_{CLUSTER_PEERING_PLURAL}.yaml": cluster_peering_crd(),
-    f"{PEERING_GROUP}_{NAMESPACED_PEERING_PLURAL}.yaml": namespaced_peering_crd(),
-}
-
-_registered = False
-
-
-def register_peering_crds() -> None:
-    """Add both peering CRDs to the CRD registry, once; safe to call repeatedly."""
-    global _registered  # noqa: PLW0603 (a once-only flag is the point)
-    if _registered:
-        return
-    for filename, crd in PEERING_CRD_FILES.items():
-        register_static_crd(filename, crd)
-    _registered = True
 
 
 def peering_object(name: str, namespace: str | None) -> dict[str, Any]:
@@ -136,16 +73,15 @@ def ensure_peering(
     name: str,
     clusterwide: bool,
     namespaces: Iterable[str],
-    api_client: Any = None,
+    api_client: Any,
 ) -> list[str]:
     """Check the peering CRD is served and create missing peering objects; return those created.
 
-    ``api_client`` is a ``kubernetes.client.ApiClient``; by default one is built the way kopf's
-    own login does it (in-cluster service account first, then the kubeconfig).
+    ``api_client`` is a ``kubernetes.client.ApiClient``. Raises :class:`PeeringSetupError`.
     """
     targets: list[str | None] = [None] if clusterwide else list(literal_namespaces(namespaces))
     plural = CLUSTER_PEERING_PLURAL if clusterwide else NAMESPACED_PEERING_PLURAL
-    api = client.CustomObjectsApi(api_client if api_client is not None else _default_api_client())
+    api = client.CustomObjectsApi(api_client)
     missing_crd = (
         f"peering CRD {plural}.{PEERING_GROUP} is not installed: "
         "apply crds/ (kubectl apply -f crds/) or pass --standalone"
@@ -171,8 +107,16 @@ def ensure_peering(
             if _create_if_absent(api, name=name, namespace=namespace, plural=plural):
                 created.append(where)
         except client.ApiException as error:
+            if error.status == 404 and namespace is not None:  # the namespace, not the object
+                raise PeeringSetupError(
+                    f"namespace {namespace} does not exist: create it or stop watching it"
+                ) from None
             raise PeeringSetupError(
                 _api_failure("get or create", f"{plural}.{PEERING_GROUP} {where}", error)
+            ) from None
+        except Exception as error:
+            raise PeeringSetupError(
+                f"cannot reach the Kubernetes API: {_one_line(error)}"
             ) from None
     return created
 
@@ -203,21 +147,6 @@ def _create_if_absent(api: Any, *, name: str, namespace: str | None, plural: str
             return False
         raise
     return True
-
-
-def _default_api_client() -> Any:
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        try:
-            config.load_kube_config(client_configuration=configuration)
-        except (config.ConfigException, OSError) as error:
-            raise PeeringSetupError(
-                f"no Kubernetes credentials (in-cluster or kubeconfig): {_one_line(error)}"
-            ) from None
-    configuration.retries = 1
-    return client.ApiClient(configuration)
 
 
 def _api_failure(action: str, what: str, error: Any) -> str:
