@@ -54,6 +54,7 @@ class Demo:
         self._run(["get", "inferencedeployments", "-A", "-o", "wide"])
         self.say(
             "\nkleave is running on a local control plane. Look around with:\n"
+            f"  export PATH={Path(self.kubectl).parent}:$PATH   # this kubectl and kleave\n"
             f"  export KUBECONFIG={state.kubeconfig}\n"
             "  kubectl get infd -A                     # InferenceDeployments\n"
             "  kubectl describe infd <name>            # conditions and events\n"
@@ -112,7 +113,7 @@ class Demo:
     def _run(self, args: list[str], stdin: str | None = None, echo: bool = True) -> str:
         kubeconfig = self.cluster.kubeconfig_path
         if echo:
-            self.say(f"$ kubectl {' '.join(a for a in args if a != '-' or stdin is None)}")
+            self.say(f"$ kubectl {' '.join(args)}")
         result = subprocess.run(
             [self.kubectl, f"--kubeconfig={kubeconfig}", *args],
             input=stdin,
