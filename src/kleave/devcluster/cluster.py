@@ -284,7 +284,7 @@ class DevCluster:
                 f"--cluster-signing-cert-file={creds.ca_cert}",
                 f"--cluster-signing-key-file={creds.directory / 'ca.key'}",
             ],
-            _https_ok(f"https://127.0.0.1:{p['controller-manager']}/healthz"),
+            _answers_ok(f"https://127.0.0.1:{p['controller-manager']}/healthz"),
             timeout,
         )
         sched_config = configs["scheduler"]
@@ -300,7 +300,7 @@ class DevCluster:
                 f"--secure-port={p['scheduler']}",
                 f"--cert-dir={self.state_dir}/scheduler",
             ],
-            _https_ok(f"https://127.0.0.1:{p['scheduler']}/healthz"),
+            _answers_ok(f"https://127.0.0.1:{p['scheduler']}/healthz"),
             timeout,
         )
         stage_flags = [f"--config={stage}" for stage in sorted(b.kwok_stages.glob("*.yaml"))]
@@ -318,7 +318,7 @@ class DevCluster:
                 f"--server-address=127.0.0.1:{p['kwok']}",
                 *stage_flags,
             ],
-            _http_ok(f"http://127.0.0.1:{p['kwok']}/healthz"),
+            _answers_ok(f"http://127.0.0.1:{p['kwok']}/healthz"),
             timeout,
         )
         self.progress(f"==> creating {sum(g.count for g in groups)} fake nodes")
@@ -436,12 +436,10 @@ def _exit_error(name: str, log: Path) -> DevClusterError:
     return StartupError(f"{name} exited during start-up: {last} (log: {log})")
 
 
-def _https_ok(url: str) -> Callable[[httpx.Client], bool]:
-    # The controller-manager and scheduler serve self-signed certs; the check only needs "ok".
+def _answers_ok(url: str) -> Callable[[httpx.Client], bool]:
+    """A health check: HTTP 200 from `url` (the client skips TLS verification: the
+    controller-manager and scheduler serve self-signed certs, and "ok" is all we need)."""
     return lambda client: client.get(url).status_code == 200
-
-
-_http_ok = _https_ok
 
 
 def _api_client(kubeconfig_path: Path) -> Any:
