@@ -156,18 +156,22 @@ def _state_flag(state_dir: Path | None) -> str:
 
 
 # ----- crds -----------------------------------------------------------------------------------
+_crds_dir_option = click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("crds"),
+    show_default=True,
+    help="Directory of the CRD YAML files.",
+)
+
+
 @main.group("crds")
 def crds() -> None:
     """CustomResourceDefinitions generated from kleave.api."""
 
 
 @crds.command("generate")
-@click.option(
-    "--output",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("crds"),
-    show_default=True,
-)
+@_crds_dir_option
 def crds_generate(output: Path) -> None:
     """Write the CRD YAML files (checked in under crds/ and the Helm chart)."""
     from kleave.api.registry import write_crds
@@ -177,12 +181,7 @@ def crds_generate(output: Path) -> None:
 
 
 @crds.command("check")
-@click.option(
-    "--output",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("crds"),
-    show_default=True,
-)
+@_crds_dir_option
 def crds_check(output: Path) -> None:
     """Exit 1 when the checked-in CRDs differ from what kleave.api generates."""
     from kleave.api.registry import crd_drift
@@ -244,10 +243,7 @@ def operator_run(
     """Run the operator: reconcile kleave's resources; serve /healthz, /readyz and /metrics."""
     import os
 
-    if not namespaces and not all_namespaces:
-        raise click.UsageError("pass --namespace NS (repeatable) or --all-namespaces")
-    if namespaces and all_namespaces:
-        raise click.UsageError("--namespace and --all-namespaces are exclusive")
+    # Scope checks (namespaces vs --all-namespaces, peering flags) live in runtime.run().
     if kubeconfig:
         # Before the kubernetes client is imported: it reads $KUBECONFIG at import time.
         os.environ["KUBECONFIG"] = kubeconfig

@@ -384,7 +384,7 @@ class DevCluster:
             ComponentStatus(c.name, c.pid, processes.is_alive(c.pid), c.log)
             for c in (state.components if state else [])
         ]
-        ready = bool(state) and self._apiserver_ready(state)  # type: ignore[arg-type]
+        ready = state is not None and self._apiserver_ready(state)
         nodes_ready = nodes_total = 0
         if ready:
             nodes_ready, nodes_total = _node_readiness(self.kubeconfig_path)
