@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Literal, NotRequired, TypedDict
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
@@ -31,6 +31,10 @@ class StatusModel(ApiModel):
 
     model_config = ConfigDict(extra="ignore")
 
+
+DEFAULTED: dict[str, Any] = {"default": {}}
+"""``json_schema_extra`` for an object field whose own fields all have defaults: the API server
+then fills them in when the object is omitted (pydantic leaves ``default_factory`` out)."""
 
 Int64 = Annotated[int, Field(json_schema_extra={"format": "int64"})]
 """An integer the CRD declares as int64 (generations, byte counts); plain ``int`` is int32."""
@@ -131,12 +135,15 @@ class KindInfo:
     scale: ScaleSubresource | None = None
     description: str = ""
     """What the kind is for, shown by ``kubectl explain <kind>``."""
+    validations: Sequence[Mapping[str, str]] = ()
+    """CEL rules on the whole object (they may read ``self.metadata.name``)."""
 
     def __post_init__(self) -> None:
         # Frozen in fact, not only in name: lists passed in become tuples.
         object.__setattr__(self, "short_names", tuple(self.short_names))
         object.__setattr__(self, "categories", tuple(self.categories))
         object.__setattr__(self, "printer_columns", tuple(self.printer_columns))
+        object.__setattr__(self, "validations", tuple(dict(v) for v in self.validations))
         for name in (self.plural, self.singular, *self.short_names, *self.categories):
             if not name or name != name.lower():
                 raise ValueError(f"{self.kind}: CRD names must be lowercase, got {name!r}")

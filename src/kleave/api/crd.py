@@ -129,6 +129,10 @@ def crd_for(
         },
         "required": ["spec"],
     }
+    if info.validations:
+        root["x-kubernetes-validations"] = _Converter(info.kind, {}).check_cel(
+            "", list(info.validations)
+        )
     names: dict[str, Any] = {
         "kind": info.kind,
         "listKind": f"{info.kind}List",
@@ -219,7 +223,7 @@ class _Converter:
             raise self.fail(path, f"a {node_type or 'untyped'} node with object or array keywords")
         out.update((key, copy.deepcopy(node[key])) for key in _EXTENSIONS if key in node)
         if "x-kubernetes-validations" in out:
-            out["x-kubernetes-validations"] = self._cel(path, out["x-kubernetes-validations"])
+            out["x-kubernetes-validations"] = self.check_cel(path, out["x-kubernetes-validations"])
         return out
 
     def _flatten(
@@ -333,7 +337,7 @@ class _Converter:
                 raise self.fail(path, "a set of non-scalar items")
             out["x-kubernetes-list-type"] = "set"  # uniqueItems itself is forbidden in CRDs
 
-    def _cel(self, path: str, rules: object) -> list[dict[str, Any]]:
+    def check_cel(self, path: str, rules: object) -> list[dict[str, Any]]:
         """Check CEL rules' shape here, not at apply time, and give their keys one order."""
         if not isinstance(rules, list) or not rules:
             raise self.fail(path, "x-kubernetes-validations must be a non-empty list")
