@@ -24,7 +24,7 @@ def _deployment(name: str, replicas: int, gpu: bool) -> dict[str, Any]:
     )
     spec: dict[str, Any] = {
         "tolerations": [
-            {"key": "kwok.x-k8s.io/node", "operator": "Exists", "effect": "NoSchedule"}
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ],
         "containers": [{"name": "c", "image": "registry.invalid/x:1", "resources": resources}],
     }

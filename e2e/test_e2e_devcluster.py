@@ -19,7 +19,7 @@ spec:
   template:
     metadata: {labels: {app: gpu-smoke}}
     spec:
-      tolerations: [{key: kwok.x-k8s.io/node, operator: Exists, effect: NoSchedule}]
+      tolerations: [{key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}]
       nodeSelector: {nvidia.com/gpu.product: H20}
       containers:
       - name: worker

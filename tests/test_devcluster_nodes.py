@@ -36,14 +36,14 @@ def test_bad_groups_are_rejected_with_the_offending_item(text: str) -> None:
         parse_node_groups(text)
 
 
-def test_gpu_node_carries_label_capacity_kwok_annotation_and_taint() -> None:
+def test_gpu_node_carries_label_capacity_kwok_annotation_and_gpu_taint() -> None:
     [node] = node_manifests([NodeGroup(count=1, gpu_product="H20", gpus_per_node=4)])
     assert node["metadata"]["name"] == "kwok-h20-0"
     assert node["metadata"]["labels"][GPU_PRODUCT_LABEL] == "H20"
     assert node["metadata"]["labels"]["nvidia.com/gpu.memory"] == "97871"
     assert node["metadata"]["annotations"][KWOK_ANNOTATION] == "fake"
     assert node["spec"]["taints"] == [
-        {"key": KWOK_ANNOTATION, "value": "fake", "effect": "NoSchedule"}
+        {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
     ]
     assert node["status"]["allocatable"][GPU_RESOURCE] == "4"
     assert node["status"]["capacity"][GPU_RESOURCE] == "4"
@@ -53,3 +53,4 @@ def test_cpu_node_has_no_gpu_resource_or_label() -> None:
     [node] = node_manifests(parse_node_groups("1xcpu"))
     assert GPU_RESOURCE not in node["status"]["allocatable"]
     assert GPU_PRODUCT_LABEL not in node["metadata"]["labels"]
+    assert node["spec"]["taints"] == []

@@ -101,6 +101,14 @@ def _node(name: str, group: NodeGroup) -> dict[str, Any]:
         if group.gpu_product in GPU_MEMORY_MIB:
             labels["nvidia.com/gpu.memory"] = str(GPU_MEMORY_MIB[group.gpu_product])
         resources[GPU_RESOURCE] = str(group.gpus_per_node)
+    # No kwok taint: every node of the dev cluster is fake, so there are no real pods to keep
+    # off them. GPU nodes carry the nvidia.com/gpu taint that managed GPU node pools (GKE, AKS)
+    # set, so only pods that ask for GPUs (and tolerate it) land there, as in production.
+    taints = (
+        [{"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}]
+        if group.gpu_product is not None
+        else []
+    )
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -109,6 +117,6 @@ def _node(name: str, group: NodeGroup) -> dict[str, Any]:
             "labels": labels,
             "annotations": {KWOK_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
         },
-        "spec": {"taints": [{"key": KWOK_ANNOTATION, "value": "fake", "effect": "NoSchedule"}]},
+        "spec": {"taints": taints},
         "status": {"capacity": dict(resources), "allocatable": dict(resources)},
     }

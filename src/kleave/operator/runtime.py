@@ -20,8 +20,16 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from kleave.operator import inference_deployment
+from kleave.operator.controllers import Controllers
 from kleave.operator.health import HealthServer, HealthState
+from kleave.operator.kube import KubeApi
+from kleave.operator.leader import (
+    DEFAULT_LEASE_NAME,
+    LeaderElector,
+    check_lease_name,
+    default_identity,
+    pod_namespace,
+)
 from kleave.operator.logging_setup import (
     LOG_FORMATS,
     LogFormat,
@@ -74,6 +82,9 @@ def run(
     log_format: str,
     log_level: str,
     priority: int = 0,
+    leader_elect: bool = False,
+    leader_election_namespace: str | None = None,
+    leader_election_id: str = DEFAULT_LEASE_NAME,
 ) -> None:
     """Run the operator until SIGINT/SIGTERM, then return (exit status 0 for the CLI).
 
@@ -101,6 +112,17 @@ def run(
       picks a free port (logged at startup).
     * ``log_format`` (``--log-format text|json``) and ``log_level``
       (``--log-level debug|info|warning|error|critical``).
+    * ``leader_elect`` (``--leader-elect``): leader election with a ``coordination.k8s.io``
+      Lease, so that of several replicas exactly one reconciles. Replaces peering (kopf runs
+      standalone in the leader), so it excludes ``--peering``/``--peering-name``. A standby
+      serves ``/healthz`` and ``/readyz`` (200: it is ready to take over) and starts kopf once
+      it holds the Lease. A leader that cannot renew the Lease stops and raises
+      :class:`LostLeadership` (the CLI exits 1, the pod restarts); on SIGTERM it releases the
+      Lease so that a standby takes over within seconds.
+    * ``leader_election_namespace`` (``--leader-election-namespace``): where the Lease lives;
+      default the pod's own namespace (service account file, else ``$POD_NAMESPACE``).
+    * ``leader_election_id`` (``--leader-election-id``, default ``kleave-operator``): the
+      Lease's name; replicas that share it elect one leader.
 
     Credentials come from the in-cluster service account, else the kubeconfig (``KUBECONFIG``),
     as kopf's ``login_via_client`` finds them. Raises :class:`OperatorStartupError` for any
@@ -115,12 +137,22 @@ def run(
         configure_logging(fmt, log_level)
     except ValueError as error:
         raise OperatorStartupError(str(error)) from None
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # kopf logs "Handler succeeded" for every watch event the caches consume.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
+    if leader_elect and (peering_name is not None or not standalone):
+        raise OperatorStartupError(
+            "--leader-elect replaces kopf peering: drop --peering and --peering-name"
+        )
     scope = _resolve_scope(
         namespaces=namespaces,
         all_namespaces=all_namespaces,
         standalone=standalone,
         peering_name=peering_name,
+    )
+    elector = (
+        _leader_elector(leader_election_namespace, leader_election_id) if leader_elect else None
     )
     api_client = load_api_client()  # fails fast on missing credentials, in every mode
     try:
@@ -139,7 +171,25 @@ def run(
         api_client.close()
 
     settings = build_settings(scope=scope, priority=priority)
-    asyncio.run(_serve(scope=scope, settings=settings, host=health_host, port=health_port))
+    asyncio.run(
+        _serve(scope=scope, settings=settings, host=health_host, port=health_port, elector=elector)
+    )
+
+
+def _leader_elector(namespace: str | None, name: str) -> LeaderElector:
+    """The elector for ``--leader-elect``; fails early on a namespace or name it cannot use."""
+    namespace = namespace or pod_namespace()
+    if namespace is None:
+        raise OperatorStartupError(
+            "--leader-elect needs the Lease's namespace: not in a pod and $POD_NAMESPACE is "
+            "unset; pass --leader-election-namespace"
+        )
+    try:
+        check_lease_name(namespace, name)
+    except ValueError as error:
+        raise OperatorStartupError(str(error)) from None
+    # A factory: the elector opens its own client and closes it when it stops.
+    return LeaderElector(load_api_client, namespace, name, default_identity())
 
 
 def _resolve_scope(
@@ -189,6 +239,9 @@ def build_settings(*, scope: _Scope, priority: int) -> kopf.OperatorSettings:
     settings.posting.reporting_component = EVENT_COMPONENT
     settings.posting.reporting_instance = socket.gethostname()  # the pod name in a pod
     settings.posting.event_name_prefix = "kleave-"
+    # kleave's controllers post their own events (operator/events.py); kopf would otherwise
+    # turn every handler's log line, for every watched pod and node, into an Event.
+    settings.posting.enabled = False
 
     # Handler progress and the last-handled spec live in annotations, not in
     # status.kopf: status then holds only kleave's own fields, and a merge patch of
@@ -231,11 +284,35 @@ def build_registry(state: HealthState, stop_flag: asyncio.Event) -> kopf.Operato
         stop_flag.set()
 
     kopf.on.cleanup(registry=registry, id="shutdown")(on_cleanup)
-    inference_deployment.register_handlers(registry)
+
+    # The controllers' caches are fed by kopf's watches; their workers start with kopf (so
+    # only an active replica reconciles) and stop at its cleanup.
+    controllers = Controllers(KubeApi.from_environment())
+    controllers.register(registry)
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start_controllers(**_: Any) -> None:
+        tasks.append(asyncio.create_task(controllers.run(), name="kleave-controllers"))
+
+    async def stop_controllers(**_: Any) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await controllers.api.close()
+
+    kopf.on.startup(registry=registry, id="controllers")(start_controllers)
+    kopf.on.cleanup(registry=registry, id="controllers-stop")(stop_controllers)
     return registry
 
 
-async def _serve(*, scope: _Scope, settings: kopf.OperatorSettings, host: str, port: int) -> None:
+async def _serve(
+    *,
+    scope: _Scope,
+    settings: kopf.OperatorSettings,
+    host: str,
+    port: int,
+    elector: LeaderElector | None = None,
+) -> None:
     state = HealthState()
     stop_flag = asyncio.Event()
     registry = build_registry(state, stop_flag)
@@ -250,7 +327,7 @@ async def _serve(*, scope: _Scope, settings: kopf.OperatorSettings, host: str, p
         ) from None
     logger.info("Serving /healthz, /readyz and /metrics on %s:%d.", host, server.port)
 
-    try:
+    async def run_kopf() -> None:
         await kopf.operator(
             registry=registry,
             settings=settings,
@@ -262,6 +339,13 @@ async def _serve(*, scope: _Scope, settings: kopf.OperatorSettings, host: str, p
             ready_flag=state.ready_flag,
             stop_flag=stop_flag,
         )
+
+    try:
+        if elector is None:
+            await run_kopf()
+        else:
+            state.ready_flag.set()  # a standby is ready: healthy, and takes over when needed
+            await elector.run(run_kopf, stop_flag)
     except kopf.LoginError as error:
         raise OperatorStartupError(f"cannot log in to the Kubernetes API: {error}") from None
     finally:

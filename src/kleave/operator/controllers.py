@@ -1,0 +1,412 @@
+"""The InferenceDeployment and InferencePool controllers: watch, queue, reconcile, apply.
+
+kopf delivers watch events into :class:`~kleave.operator.store.Store` caches and enqueues the
+affected object; workers reconcile keys from the caches with the pure decisions in
+:mod:`rollout` and :mod:`pool_status`, apply with server-side apply (field manager
+``kleave``), and write status. Each reconcile is idempotent and reads no events, so a restart,
+a dropped event or a duplicate is harmless: the next reconcile converges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Hashable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import kopf
+from pydantic import ValidationError
+
+from kleave.api.inference_deployment import InferenceDeploymentSpec
+from kleave.api.inference_pool import ROLES, Role
+from kleave.operator import deployment_builder, engines, pool_builder, pool_status, rollout
+from kleave.operator.conditions import set_condition
+from kleave.operator.events import EventRecorder
+from kleave.operator.kube import (
+    CONFIGMAP,
+    DEPLOYMENT,
+    INFERENCE_DEPLOYMENT,
+    INFERENCE_POOL,
+    NODE,
+    POD,
+    SERVICE,
+    STATEFULSET,
+    ApiError,
+    KubeApi,
+    ResourceType,
+)
+from kleave.operator.metrics import (
+    RECONCILE_DURATION,
+    RECONCILE_TOTAL,
+    RESULT_ERROR,
+    RESULT_SUCCESS,
+    RESULT_TEMPORARY_ERROR,
+)
+from kleave.operator.naming import (
+    COMPONENT_ROUTER,
+    LABEL_COMPONENT,
+    LABEL_DEPLOYMENT,
+    LABEL_POOL,
+    LABEL_REVISION,
+    MANAGED_BY,
+    MANAGER,
+    plan_configmap_name,
+    pool_name,
+    router_name,
+)
+from kleave.operator.serving_plan import build_plan
+from kleave.operator.store import Store
+
+logger = logging.getLogger("kleave.operator.controllers")
+
+DEPLOYMENT_KEY = "InferenceDeployment"
+POOL_KEY = "InferencePool"
+RESYNC_S = 300.0
+MANAGED = {MANAGED_BY: MANAGER}
+WATCHED: tuple[tuple[ResourceType, bool], ...] = (
+    # (resource, only objects labelled managed-by=kleave)
+    (INFERENCE_DEPLOYMENT, False),
+    (INFERENCE_POOL, False),
+    (DEPLOYMENT, True),
+    (STATEFULSET, True),
+    (SERVICE, True),
+    (CONFIGMAP, True),
+    (POD, True),
+    (NODE, False),
+)
+
+
+def contains(current: Any, desired: Any) -> bool:
+    """Whether ``current`` already has every field of ``desired`` (an apply would be a no-op).
+
+    Skipping such applies keeps a resync of hundreds of objects from costing hundreds of
+    writes; server-side defaults in ``current`` do not matter.
+    """
+    if isinstance(desired, Mapping):
+        return isinstance(current, Mapping) and all(
+            contains(current.get(key), value) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(current, list)
+            and len(current) == len(desired)
+            and all(contains(c, d) for c, d in zip(current, desired, strict=True))
+        )
+    if isinstance(desired, str) and isinstance(current, int | float):
+        return str(current) == desired
+    return bool(current == desired)
+
+
+def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in desired.items() if current.get(key) != value}
+
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, ApiError):
+        return error.transient
+    return isinstance(error, aiohttp.ClientError | OSError | asyncio.TimeoutError)
+
+
+class Controllers:
+    """Caches, the work queue, and the two reconcilers."""
+
+    def __init__(self, api: KubeApi, *, workers: int = 16) -> None:
+        self.api = api
+        self.recorder = EventRecorder(api)
+        self.workers = workers
+        self.stores = {rt.kind: Store(rt.kind) for rt, _ in WATCHED}
+        self.queue: Any = None  # created inside the running loop
+        self._gpu_nodes = pool_status.gpu_products(())
+        self._primed = asyncio.Event()
+
+    # -- watching ---------------------------------------------------------------------------
+
+    def register(self, registry: kopf.OperatorRegistry) -> None:
+        for rt, managed_only in WATCHED:
+            kopf.on.event(
+                rt.group,
+                rt.version,
+                rt.plural,
+                registry=registry,
+                id=f"cache-{rt.plural}",
+                labels=MANAGED if managed_only else None,
+            )(self._on_event)
+
+    async def _on_event(self, event: Mapping[str, Any], **_: Any) -> None:
+        obj = event.get("object")
+        if not isinstance(obj, Mapping) or "metadata" not in obj:
+            return
+        self.observe(str(event.get("type") or ""), obj)
+
+    def observe(self, event_type: str, obj: Mapping[str, Any]) -> None:
+        """Update the cache with one watched object and enqueue whoever must react."""
+        store = self.stores.get(str(obj.get("kind")))
+        if store is None:
+            return
+        before = store.get(*Store.key_of(obj))
+        if event_type == "DELETED":
+            store.remove(obj)
+            stored: Mapping[str, Any] = obj
+        else:
+            stored = store.upsert(obj)
+            if store.kind in ("Pod", "Node") and before == stored:
+                return  # a heartbeat or an unrelated field: nothing kleave reads changed
+        if self.queue is not None:
+            self._enqueue_for(stored)
+
+    def _enqueue_for(self, obj: Mapping[str, Any]) -> None:
+        kind = obj.get("kind")
+        meta = obj["metadata"]
+        namespace = meta.get("namespace") or ""
+        labels = meta.get("labels") or {}
+        if kind == "InferenceDeployment":
+            self.queue.add((DEPLOYMENT_KEY, namespace, meta["name"]))
+        elif kind == "InferencePool":
+            self.queue.add((POOL_KEY, namespace, meta["name"]))
+            if LABEL_DEPLOYMENT in labels:
+                self.queue.add((DEPLOYMENT_KEY, namespace, labels[LABEL_DEPLOYMENT]))
+        elif kind == "Node":
+            products = pool_status.gpu_products(self.stores["Node"].all())
+            if products != self._gpu_nodes:
+                self._gpu_nodes = products
+                for pool in self.stores["InferencePool"].all():
+                    self.queue.add(
+                        (POOL_KEY, pool["metadata"]["namespace"], pool["metadata"]["name"])
+                    )
+        elif LABEL_POOL in labels:
+            self.queue.add((POOL_KEY, namespace, labels[LABEL_POOL]))
+        elif labels.get(LABEL_COMPONENT) == COMPONENT_ROUTER or LABEL_DEPLOYMENT in labels:
+            self.queue.add((DEPLOYMENT_KEY, namespace, labels[LABEL_DEPLOYMENT]))
+
+    async def prime(self) -> None:
+        """List everything once, so the first reconciles see complete caches."""
+        for rt, managed_only in WATCHED:
+            selector = f"{MANAGED_BY}={MANAGER}" if managed_only else ""
+            items = [item async for item in self.api.list(rt, label_selector=selector)]
+            self.stores[rt.kind].replace_all(items)
+        self._gpu_nodes = pool_status.gpu_products(self.stores["Node"].all())
+
+    async def run(self) -> None:
+        """Prime the caches, then reconcile until cancelled (with a periodic full resync)."""
+        from kleave.operator.workqueue import WorkQueue, run_workers
+
+        self.queue = WorkQueue()
+        while True:
+            try:
+                await self.prime()
+                break
+            except (ApiError, aiohttp.ClientError, OSError) as error:
+                logger.warning("Listing objects failed, retrying in 5s: %s", error)
+                await asyncio.sleep(5)
+        self._enqueue_all()
+        resync = asyncio.create_task(self._resync())
+        try:
+            await run_workers(
+                self.queue,
+                self.reconcile,
+                workers=self.workers,
+                is_transient=is_transient,
+                on_result=_record,
+            )
+        finally:
+            resync.cancel()
+
+    def _enqueue_all(self) -> None:
+        for kind, key_kind in (
+            ("InferenceDeployment", DEPLOYMENT_KEY),
+            ("InferencePool", POOL_KEY),
+        ):
+            for obj in self.stores[kind].all():
+                self.queue.add((key_kind, obj["metadata"]["namespace"], obj["metadata"]["name"]))
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_S)
+            self._enqueue_all()
+
+    async def reconcile(self, key: Hashable) -> float | None:
+        kind, namespace, name = key  # type: ignore[misc]
+        if kind == DEPLOYMENT_KEY:
+            return await self.reconcile_deployment(namespace, name)
+        return await self.reconcile_pool(namespace, name)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _apply(self, desired: dict[str, Any], current: Mapping[str, Any] | None) -> None:
+        if current is not None and contains(current, desired):
+            return
+        applied = await self.api.apply(desired)
+        self.observe("MODIFIED", applied)
+
+    async def _write_status(
+        self, rt: ResourceType, obj: Mapping[str, Any], desired: Mapping[str, Any]
+    ) -> None:
+        patch = status_patch(obj.get("status") or {}, desired)
+        if patch:
+            meta = obj["metadata"]
+            updated = await self.api.patch_status(rt, meta["namespace"], meta["name"], patch)
+            self.observe("MODIFIED", updated)
+
+    # -- InferenceDeployment ----------------------------------------------------------------
+
+    async def reconcile_deployment(self, namespace: str, name: str) -> float | None:
+        owner = self.stores["InferenceDeployment"].get(namespace, name)
+        if owner is None or owner["metadata"].get("deletionTimestamp"):
+            return None
+        try:
+            spec = InferenceDeploymentSpec.model_validate(owner.get("spec") or {})
+            revision, plan = build_plan(spec, name=name, namespace=namespace)
+        except (ValidationError, engines.EngineConfigError) as error:
+            await self._reject(owner, error)
+            return None
+
+        pools: dict[Role, Mapping[str, Any] | None] = {
+            role: self.stores["InferencePool"].get(namespace, pool_name(name, role))
+            for role in ROLES
+        }
+        router = self.stores["Deployment"].get(namespace, router_name(name))
+        decision = rollout.decide(
+            owner=owner,
+            spec=spec,
+            revision=revision,
+            pools={role: pools[role] for role in spec.pools.defined()},
+            router=router,
+            now=datetime.now(UTC),
+        )
+
+        configmaps = self.stores["ConfigMap"]
+        plan_cm = deployment_builder.build_plan_configmap(owner, revision, plan)
+        await self._apply(plan_cm, configmaps.get(namespace, plan_configmap_name(name, revision)))
+
+        for role, pool in spec.pools.defined().items():
+            pool_plan = decision.pools[role]
+            desired = deployment_builder.build_pool(
+                owner,
+                spec,
+                role,
+                pool,
+                revision=revision,
+                retain_revision=pool_plan.retain_revision,
+                replicas=pool_plan.replicas,
+            )
+            current = pools[role]
+            if pool_plan.conditional and current is not None:
+                desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                if contains(current, {k: v for k, v in desired.items() if k != "metadata"}):
+                    continue
+            await self._apply(desired, current)
+
+        await self._apply(
+            deployment_builder.build_router_service(owner),
+            self.stores["Service"].get(namespace, router_name(name)),
+        )
+        await self._apply(
+            deployment_builder.build_router(
+                owner, spec, revision=decision.router_revision, replicas=decision.router_replicas
+            ),
+            router,
+        )
+
+        # Pools of roles the spec no longer has, and plans of revisions nothing runs.
+        uid = owner["metadata"]["uid"]
+        for child in self.stores["InferencePool"].owned_by(uid):
+            if child["spec"].get("role") not in spec.pools.defined():
+                await self.api.delete(
+                    INFERENCE_POOL, namespace, child["metadata"]["name"],
+                    uid=child["metadata"]["uid"],
+                )  # fmt: skip
+        for cm in configmaps.owned_by(uid):
+            if (cm["metadata"].get("labels") or {}).get(LABEL_REVISION) not in (
+                decision.keep_revisions
+            ):
+                await self.api.delete(
+                    CONFIGMAP, namespace, cm["metadata"]["name"], uid=cm["metadata"]["uid"]
+                )
+
+        await self._write_status(INFERENCE_DEPLOYMENT, owner, decision.status)
+        for event in decision.events:
+            target = owner if event.on_pool is None else pools.get(event.on_pool)
+            if target is not None:
+                await self.recorder.post(target, event.type, event.reason, event.message)
+        return None
+
+    async def _reject(self, owner: Mapping[str, Any], error: Exception) -> None:
+        """A spec the API server let through but kleave cannot serve: say why, do not retry."""
+        if isinstance(error, ValidationError):
+            message = "; ".join(
+                "spec." + ".".join(str(p) for p in item["loc"]) + f": {item['msg']}"
+                for item in error.errors(include_url=False)
+            )
+            reason = "InvalidSpec"
+        else:
+            message, reason = str(error), "UnsupportedConfiguration"
+        status = owner.get("status") or {}
+        generation = owner["metadata"].get("generation")
+        conditions = set_condition(
+            status.get("conditions"), type="Accepted", status="False", reason=reason,
+            message=message[:1000], generation=generation, now=datetime.now(UTC),
+        )  # fmt: skip
+        desired: dict[str, Any] = {"conditions": conditions}
+        if generation is not None:
+            desired["observedGeneration"] = generation
+        if status_patch(status, desired):
+            await self.recorder.post(owner, "Warning", reason, message)
+        await self._write_status(INFERENCE_DEPLOYMENT, owner, desired)
+
+    # -- InferencePool ----------------------------------------------------------------------
+
+    async def reconcile_pool(self, namespace: str, name: str) -> float | None:
+        pool = self.stores["InferencePool"].get(namespace, name)
+        if pool is None or pool["metadata"].get("deletionTimestamp"):
+            return None
+        uid = pool["metadata"]["uid"]
+        workloads = [
+            *self.stores["Deployment"].owned_by(uid),
+            *self.stores["StatefulSet"].owned_by(uid),
+        ]
+        pods = [
+            pod
+            for pod in self.stores["Pod"].all()
+            if pod["metadata"].get("namespace") == namespace
+            and (pod["metadata"].get("labels") or {}).get(LABEL_POOL) == name
+        ]
+        decision = pool_status.decide(
+            pool=pool, workloads=workloads, pods=pods, gpu_nodes=self._gpu_nodes,
+            now=datetime.now(UTC),
+        )  # fmt: skip
+
+        revision = decision.revision
+        desired = pool_builder.build_workload(pool, revision, decision.replicas)
+        store = self.stores[desired["kind"]]
+        await self._apply(desired, store.get(namespace, desired["metadata"]["name"]))
+        service = pool_builder.build_service(pool, revision)
+        await self._apply(
+            service, self.stores["Service"].get(namespace, service["metadata"]["name"])
+        )
+
+        keep = {revision, pool["spec"].get("retainRevision")}
+        for workload in decision.delete:
+            meta = workload["metadata"]
+            rt = STATEFULSET if workload["kind"] == "StatefulSet" else DEPLOYMENT
+            await self.api.delete(rt, namespace, meta["name"], uid=meta["uid"])
+        for svc in self.stores["Service"].owned_by(uid):
+            if (svc["metadata"].get("labels") or {}).get(LABEL_REVISION) not in keep:
+                meta = svc["metadata"]
+                await self.api.delete(SERVICE, namespace, meta["name"], uid=meta["uid"])
+
+        await self._write_status(INFERENCE_POOL, pool, decision.status)
+        for event in decision.events:
+            await self.recorder.post(pool, event.type, event.reason, event.message)
+        ready = decision.status["readyReplicas"] >= decision.replicas
+        return None if ready else pool_status.NOT_READY_GRACE_S
+
+
+_RESULTS = {"ok": RESULT_SUCCESS, "retry": RESULT_TEMPORARY_ERROR, "error": RESULT_ERROR}
+
+
+def _record(key: Hashable, result: str, seconds: float) -> None:
+    kind = key[0] if isinstance(key, tuple) else str(key)
+    RECONCILE_TOTAL.labels(kind=kind, result=_RESULTS.get(result, result)).inc()
+    RECONCILE_DURATION.labels(kind=kind).observe(seconds)
