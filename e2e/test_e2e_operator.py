@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ def test_examples_become_ready_on_their_gpu_types(cluster: Cluster, operator: Op
         cluster.kubectl("apply", "-f", str(example))
     names = [path.stem for path in EXAMPLES]
     for name in names:
-        wait_for(lambda name=name: _settled(cluster, name), 90, f"{name} Ready")
+        wait_for(partial(_settled, cluster, name), 90, f"{name} Ready")
 
     nodes = {n["metadata"]["name"]: n for n in cluster.get_json("nodes")["items"]}
     for name in names:
@@ -259,7 +260,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
             "pools": {"decode": None, "attention": {"gpuType": "H20"}, "ffn": {"gpuType": "H20"}},
         },
         "spec.engine must be builtin for topology PDAF",
-    ),  # fmt: skip
+    ),
     (
         "PDAF without ffn",
         {
@@ -268,7 +269,7 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
             "pools": {"decode": None, "attention": {"gpuType": "H20"}},
         },
         "topology PDAF requires spec.pools.prefill, spec.pools.attention and spec.pools.ffn",
-    ),  # fmt: skip
+    ),
     (
         "Colocated with prefill",
         {"topology": "Colocated"},
@@ -378,8 +379,8 @@ def test_gitops_server_side_apply_has_no_conflict_or_drift(
     before = _generations(cluster, "gitops")
 
     # A change outside the serving plan (decode's env) rolls only the decode workers.
-    manifest.write_text(text.replace('args: ["--max-num-seqs", "256"]',
-                                     'args: ["--max-num-seqs", "256"]\n      env: [{name: LOG, value: debug}]'))  # fmt: skip
+    args = 'args: ["--max-num-seqs", "256"]'
+    manifest.write_text(text.replace(args, args + "\n      env: [{name: LOG, value: debug}]"))
     cluster.kubectl("apply", *flags, "-f", str(manifest))
     wait_for(lambda: _settled(cluster, "gitops"), 60, "gitops Ready after change")
     after = _generations(cluster, "gitops")
@@ -413,10 +414,15 @@ def test_plan_change_rolls_pools_together_then_moves_the_router(
         "router on the new revision",
     )
     # Old revision's workers and plan are gone; the router's pods address the new revision.
-    workers = _pods(
-        cluster, "kleave.dev/inference-deployment=coordinated,kleave.dev/component=worker"
+    selector = "kleave.dev/inference-deployment=coordinated,kleave.dev/component=worker"
+    wait_for(
+        lambda: (
+            {p["metadata"]["labels"]["kleave.dev/revision"] for p in _pods(cluster, selector)}
+            == {new}
+        ),
+        60,
+        "only new-revision workers",
     )
-    assert {p["metadata"]["labels"]["kleave.dev/revision"] for p in workers} == {new}
     router = cluster.get_json("deployment", "coordinated-router")
     assert router["metadata"]["annotations"]["kleave.dev/revision"] == new
     assert cluster.kubectl("get", "configmap", f"coordinated-plan-{old}", check=False).returncode
@@ -460,7 +466,7 @@ def test_no_nodes_for_gpu_type_degrades_then_recovers(cluster: Cluster, operator
 
 def _children(cluster: Cluster, selector: str) -> list[str]:
     kinds = "inferencepools,deployments,statefulsets,services,configmaps"
-    items = cluster.get_json(kinds, "-l", selector)["items"]
+    items = cluster.get_json(kinds, "-n", "resilience", "-l", selector)["items"]
     return sorted(f"{i['kind']}/{i['metadata']['name']}" for i in items)
 
 
@@ -469,9 +475,8 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(
 ) -> None:
     cluster.kubectl("create", "namespace", "resilience")
     docs = "".join(
-        "---\n" + SMALL.replace("NAME", f"r{n}").replace("namespace: default", "namespace: resilience")
-        for n in range(20)
-    )  # fmt: skip
+        "---\n" + SMALL.replace("NAME", f"r{n}").replace("default", "resilience") for n in range(20)
+    )
     cluster.kubectl("apply", "-f", "-", stdin=docs)
     wait_for(
         lambda: len(cluster.get_json("infp", "-n", "resilience")["items"]) >= 6, 30, "some pools"
@@ -479,7 +484,7 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(
     operator.kill()
     operator.start()
     for n in range(20):
-        wait_for(lambda n=n: _ready_in(cluster, f"r{n}"), 120, f"r{n} Ready")
+        wait_for(partial(_ready_in, cluster, f"r{n}"), 120, f"r{n} Ready")
     for n in range(20):
         children = _children(cluster, f"kleave.dev/inference-deployment=r{n}")
         kinds = [c.split("/")[0] for c in children]

@@ -324,7 +324,7 @@ def test_inference_deployment_crd() -> None:
     root = version["schema"]["openAPIV3Schema"]
     assert_structural(root)
     spec = root["properties"]["spec"]
-    assert spec["required"] == ["model"]
+    assert spec["required"] == ["model", "pools"]
     assert spec["properties"]["engine"]["enum"] == ["builtin", "vllm", "sglang"]
     assert spec["properties"]["engine"]["default"] == "builtin"
     topology = spec["properties"]["topology"]
@@ -332,8 +332,7 @@ def test_inference_deployment_crd() -> None:
     assert topology["x-kubernetes-validations"] == [
         {
             "rule": "self == oldSelf",
-            "message": "spec.topology is immutable: create a new InferenceDeployment to change "
-            "topology",
+            "message": "spec.topology is immutable: create a new InferenceDeployment to change it",
         }
     ]
     conditions = root["properties"]["status"]["properties"]["conditions"]
@@ -341,26 +340,29 @@ def test_inference_deployment_crd() -> None:
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
     assert "type" in conditions["items"]["required"]
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "TOPOLOGY",
-        "ENGINE",
-        "MODEL",
-        "ACCEPTED",
-        "AGE",
-    ]
+        "READY", "TOPOLOGY", "P", "D", "A", "F", "ENGINE", "MODEL", "REVISION", "AGE",
+    ]  # fmt: skip
     assert crd()["spec"]["names"]["shortNames"] == ["infd"]
+    # Scalar list items and map values are explained by their field's description.
     for path, node in walk(root["properties"]["spec"]):
-        assert node.get("description"), f"spec{path} needs a description for kubectl explain"
+        if node.get("type") == "object" or not path.endswith(("[*]", ".*")):
+            assert node.get("description"), f"spec{path} needs a description for kubectl explain"
     for path, node in walk(root["properties"]["status"]):
-        assert node.get("description"), f"status{path} needs a description for kubectl explain"
+        if node.get("type") == "object" or not path.endswith(("[*]", ".*")):
+            assert node.get("description"), f"status{path} needs a description"
 
 
 def test_inference_deployment_models_validate() -> None:
-    spec = InferenceDeploymentSpec.model_validate({"model": "meta-llama/Llama-3.1-8B-Instruct"})
+    pools = {"prefill": {"gpuType": "H100-SXM"}, "decode": {"gpuType": "H20"}}
+    spec = InferenceDeploymentSpec.model_validate(
+        {"model": "meta-llama/Llama-3.1-8B-Instruct", "pools": pools}
+    )
     assert (spec.engine, spec.topology) == ("builtin", "PD")
+    assert list(spec.pools.defined()) == ["prefill", "decode"]
     with pytest.raises(ValidationError):
-        InferenceDeploymentSpec.model_validate({"model": "has space"})
+        InferenceDeploymentSpec.model_validate({"model": "has space", "pools": pools})
     with pytest.raises(ValidationError):
-        InferenceDeploymentSpec.model_validate({"model": "m", "replicas": 3})
+        InferenceDeploymentSpec.model_validate({"model": "m", "pools": pools, "replicas": 3})
     status = InferenceDeploymentStatus.model_validate(
         {
             "observedGeneration": 2,

@@ -29,7 +29,11 @@ def restore_loggers() -> Iterator[None]:
     """configure_logging (and kopf.configure) change process-wide loggers; undo that."""
     touched = [logging.getLogger(name) for name in ("", "asyncio", "urllib3", "kubernetes")]
     saved = [(lg, list(lg.handlers), lg.level, lg.propagate) for lg in touched]
+    kopf_objects = logging.getLogger("kopf.objects")
+    kopf_level = kopf_objects.level
+    kopf_objects.setLevel(logging.NOTSET)  # runtime.run quiets it; these tests read its lines
     yield
+    kopf_objects.setLevel(kopf_level)
     logging.captureWarnings(False)
     for lg, handlers, level, propagate in saved:
         lg.handlers[:] = handlers

@@ -222,6 +222,23 @@ def operator() -> None:
 )
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option(
+    "--leader-elect",
+    is_flag=True,
+    help="Elect one active replica with a coordination.k8s.io Lease; the others stand by "
+    "(ready) and take over when it goes. Replaces --peering.",
+)
+@click.option(
+    "--leader-election-namespace",
+    default=None,
+    help="Namespace of the Lease [default: the pod's namespace, else $POD_NAMESPACE].",
+)
+@click.option(
+    "--leader-election-id",
+    default="kleave-operator",
+    show_default=True,
+    help="Name of the Lease; replicas sharing it elect one leader.",
+)
+@click.option(
     "--kubeconfig",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
@@ -238,16 +255,25 @@ def operator_run(
     health_port: int,
     log_format: str,
     log_level: str,
+    leader_elect: bool,
+    leader_election_namespace: str | None,
+    leader_election_id: str,
     kubeconfig: str | None,
 ) -> None:
     """Run the operator: reconcile kleave's resources; serve /healthz, /readyz and /metrics."""
     import os
+
+    # --peering-name has a default, so only its source tells whether it was given; passing it
+    # on lets run() reject it next to --leader-elect instead of ignoring it.
+    source = click.get_current_context().get_parameter_source("peering_name")
+    peering_name_given = source is not click.core.ParameterSource.DEFAULT
 
     # Scope checks (namespaces vs --all-namespaces, peering flags) live in runtime.run().
     if kubeconfig:
         # Before the kubernetes client is imported: it reads $KUBECONFIG at import time.
         os.environ["KUBECONFIG"] = kubeconfig
 
+    from kleave.operator.leader import LostLeadership
     from kleave.operator.runtime import OperatorStartupError, run
 
     try:
@@ -255,14 +281,19 @@ def operator_run(
             namespaces=list(namespaces) or None,
             all_namespaces=all_namespaces,
             standalone=standalone,
-            peering_name=None if standalone else peering_name,
+            peering_name=(
+                peering_name if not standalone or (leader_elect and peering_name_given) else None
+            ),
             health_host=health_host,
             health_port=health_port,
             log_format=log_format,
             log_level=log_level,
             priority=priority,
+            leader_elect=leader_elect,
+            leader_election_namespace=leader_election_namespace,
+            leader_election_id=leader_election_id,
         )
-    except OperatorStartupError as error:
+    except (OperatorStartupError, LostLeadership) as error:
         _fail(error)
 
 

@@ -7,11 +7,19 @@ the schema or a CEL rule here, so ``kubectl apply`` rejects a bad manifest namin
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from kleave.api.common import DEFAULTED, Condition, Int64, KindInfo, SpecModel, StatusModel
+from kleave.api.common import (
+    DEFAULTED,
+    Condition,
+    Int64,
+    KindInfo,
+    PrinterColumn,
+    SpecModel,
+    StatusModel,
+)
 from kleave.api.crd import crd_for
 from kleave.api.inference_pool import (
     ROLES,
@@ -50,12 +58,12 @@ KIND = KindInfo(
             "description": "How serving is split across pools.",
         },
         *(
-            {
-                "name": letter,
-                "type": "string",
-                "jsonPath": f".status.pools.{role}.summary",
-                "description": f"Ready/desired replicas of the {role} pool.",
-            }
+            PrinterColumn(
+                name=letter,
+                type="string",
+                jsonPath=f".status.pools.{role}.summary",
+                description=f"Ready/desired replicas of the {role} pool.",
+            )
             for role, letter in (
                 ("prefill", "P"),
                 ("decode", "D"),
@@ -104,7 +112,7 @@ _KV_BACKENDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _spec_rules() -> list[dict[str, str]]:
+def _spec_rules() -> list[Any]:
     """Cross-field rules: which pools each topology needs, and engine compatibility."""
     kv = " || ".join(
         f"(self.engine == '{engine}' && self.kvTransfer.backend in {list(backends)})"

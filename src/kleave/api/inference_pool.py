@@ -34,7 +34,7 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 _LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
-_QUANTITY = {"x-kubernetes-int-or-string": True}
+_QUANTITY_MAP: dict[str, Any] = {"additionalProperties": {"x-kubernetes-int-or-string": True}}
 
 
 class Parallelism(SpecModel):
@@ -105,16 +105,16 @@ class Resources(SpecModel):
     requests: dict[str, int | str] = Field(
         default_factory=dict,
         description="Resource requests, e.g. cpu: 8, memory: 64Gi.",
-        json_schema_extra={"additionalProperties": _QUANTITY},
+        json_schema_extra=_QUANTITY_MAP,
     )
     limits: dict[str, int | str] = Field(
         default_factory=dict,
         description="Resource limits, e.g. memory: 96Gi.",
-        json_schema_extra={"additionalProperties": _QUANTITY},
+        json_schema_extra=_QUANTITY_MAP,
     )
 
 
-def _pool_rules() -> list[dict[str, str]]:
+def _pool_rules() -> list[Any]:
     return [
         {
             "rule": "self.gpusPerReplica % (self.parallelism.tensor * self.parallelism.expert)"

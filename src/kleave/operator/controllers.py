@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Hashable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import kopf
@@ -227,7 +227,7 @@ class Controllers:
             self._enqueue_all()
 
     async def reconcile(self, key: Hashable) -> float | None:
-        kind, namespace, name = key  # type: ignore[misc]
+        kind, namespace, name = cast("tuple[str, str, str]", key)
         if kind == DEPLOYMENT_KEY:
             return await self.reconcile_deployment(namespace, name)
         return await self.reconcile_pool(namespace, name)
@@ -292,14 +292,18 @@ class Controllers:
                 replicas=pool_plan.replicas,
             )
             current = pools[role]
-            if pool_plan.conditional and current is not None:
-                desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-                if contains(current, {k: v for k, v in desired.items() if k != "metadata"}):
+            # A dropped field (retainRevision after a rollout) is invisible to `contains`.
+            stale = current is not None and "retainRevision" in current.get("spec", {})
+            if stale and "retainRevision" not in desired["spec"]:
+                current = None
+            elif pool_plan.conditional and current is not None:
+                if contains(current, desired):
                     continue
+                desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             await self._apply(desired, current)
 
         await self._apply(
-            deployment_builder.build_router_service(owner),
+            deployment_builder.build_router_service(owner, spec),
             self.stores["Service"].get(namespace, router_name(name)),
         )
         await self._apply(

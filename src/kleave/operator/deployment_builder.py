@@ -97,6 +97,24 @@ def router_selector(name: str) -> dict[str, str]:
     return {"kleave.dev/inference-deployment": name, "kleave.dev/component": COMPONENT_ROUTER}
 
 
+def _router_preset(
+    owner: Mapping[str, Any], spec: InferenceDeploymentSpec, revision: str
+) -> engines.ContainerPreset:
+    decode_role: Role = "attention" if spec.topology == "PDAF" else "decode"
+    return engines.router_preset(
+        engines.RouterSpec(
+            engine=spec.engine,
+            topology=spec.topology,
+            model=spec.model,
+            kv_backend=engines.resolve_kv_backend(spec.engine, spec.kv_transfer.backend),
+            prefill_urls=_urls(owner, spec, "prefill", revision),
+            decode_urls=_urls(owner, spec, decode_role, revision),
+            extra_args=tuple(spec.router.args),
+            image=spec.router.image,
+        )
+    )
+
+
 def build_router(
     owner: Mapping[str, Any],
     spec: InferenceDeploymentSpec,
@@ -111,19 +129,7 @@ def build_router(
     """
     name = owner["metadata"]["name"]
     namespace = owner["metadata"]["namespace"]
-    decode_role: Role = "attention" if spec.topology == "PDAF" else "decode"
-    preset = engines.router_preset(
-        engines.RouterSpec(
-            engine=spec.engine,
-            topology=spec.topology,
-            model=spec.model,
-            kv_backend=engines.resolve_kv_backend(spec.engine, spec.kv_transfer.backend),
-            prefill_urls=_urls(owner, spec, "prefill", revision),
-            decode_urls=_urls(owner, spec, decode_role, revision),
-            extra_args=tuple(spec.router.args),
-            image=spec.router.image,
-        )
-    )
+    preset = _router_preset(owner, spec, revision)
     env = [{"name": k, "value": v} for k, v in preset.env]
     env += [
         {"name": "KLEAVE_REVISION", "value": revision},
@@ -201,9 +207,10 @@ def _urls(
     return (pool_service_url(meta["name"], meta["namespace"], role, revision, engines.WORKER_PORT),)
 
 
-def build_router_service(owner: Mapping[str, Any]) -> dict[str, Any]:
-    """The Service clients call: the router's OpenAI-compatible API."""
+def build_router_service(owner: Mapping[str, Any], spec: InferenceDeploymentSpec) -> dict[str, Any]:
+    """The Service clients call: the router's OpenAI-compatible API (and its other ports)."""
     name = owner["metadata"]["name"]
+    preset = _router_preset(owner, spec, revision="")  # only its ports are used
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -217,12 +224,8 @@ def build_router_service(owner: Mapping[str, Any]) -> dict[str, Any]:
             "type": "ClusterIP",
             "selector": router_selector(name),
             "ports": [
-                {
-                    "name": "http",
-                    "port": engines.ROUTER_PORT,
-                    "targetPort": "http",
-                    "protocol": "TCP",
-                }
+                {"name": p.name, "port": p.port, "targetPort": p.name, "protocol": "TCP"}
+                for p in preset.ports
             ],
         },
     }

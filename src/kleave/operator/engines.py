@@ -92,8 +92,9 @@ POD_IP_REF = "$(POD_IP)"
 
 _BIND_ALL = "0.0.0.0"
 
-# Images: short names (a mirror is one prefix away), pinned tags the flags below were checked
-# against. The SGLang image ships sglang_router, so it serves as the SGLang router image too.
+# Images: short names (a mirror is one prefix away) at pinned release tags, never "latest"; the
+# flags below follow those projects' current documentation. The SGLang image ships
+# sglang_router, so it serves as the SGLang router image too.
 _VLLM_WORKER_IMAGE = "vllm/vllm-openai:v0.31.0"
 _VLLM_ROUTER_IMAGE = "vllm/vllm-router:v0.1.17"
 _SGLANG_IMAGE = "lmsysorg/sglang:v0.5.21"

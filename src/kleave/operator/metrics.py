@@ -40,6 +40,13 @@ OPERATOR_INFO = Gauge(
     registry=REGISTRY,
 )
 OPERATOR_INFO.labels(version=__version__).set(1)
+# With --leader-elect, sum(kleave_leader) over the replicas must be 1: 0 means nobody
+# reconciles, 2 would be split brain. Without --leader-elect it stays 0.
+LEADER = Gauge(
+    "kleave_leader",
+    "1 while this replica holds the leader-election Lease and runs the reconcilers, else 0.",
+    registry=REGISTRY,
+)
 
 RESULT_SUCCESS = "success"
 RESULT_PERMANENT_ERROR = "permanent_error"

@@ -22,6 +22,7 @@ from kleave.operator.naming import (
     base_labels,
     owner_reference,
     plan_configmap_name,
+    router_name,
     workload_name,
 )
 
@@ -131,6 +132,7 @@ def pod_template(
             kv_backend=engines.resolve_kv_backend(spec.engine, spec.kv_backend),
             extra_args=tuple(spec.args),
             image=spec.image,
+            router_host=f"{router_name(deployment)}.{pool['metadata']['namespace']}.svc",
         )
     )
     volumes: list[dict[str, Any]] = [
@@ -186,7 +188,7 @@ def pod_template(
             "annotations": {
                 ANNOTATION_REVISION: revision,
                 "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(preset.ports[0].port),
+                "prometheus.io/port": str(engines.metrics_port(preset).port),
                 "prometheus.io/path": preset.metrics_path,
             },
         },

@@ -255,6 +255,9 @@ def decide(
         )
     elif behind:
         put("Progressing", True, "ReplicasNotReady", "pools not fully ready: " + ", ".join(behind))
+    elif router_ready < router_replicas:
+        put("Progressing", True, "RouterStarting",
+            f"router {router_ready}/{router_replicas} ready")  # fmt: skip
     else:
         put("Progressing", False, "Complete", "every pool and the router are at the desired state")
 

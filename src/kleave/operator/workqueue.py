@@ -28,7 +28,7 @@ class Backoff:
     def next_delay(self, key: Hashable) -> float:
         count = self.failures.get(key, 0)
         self.failures[key] = count + 1
-        return min(self.cap_s, self.base_s * (2**count))
+        return float(min(self.cap_s, self.base_s * 2.0**count))
 
     def forget(self, key: Hashable) -> None:
         self.failures.pop(key, None)
@@ -54,10 +54,13 @@ class WorkQueue:
             self._queue.put_nowait(key)
 
     def add_after(self, key: Hashable, delay_s: float) -> None:
-        """Reconcile ``key`` after ``delay_s``; an earlier pending timer for it wins."""
-        if key in self._timers:
-            return
+        """Reconcile ``key`` after ``delay_s``, or earlier if a pending timer says so."""
         loop = asyncio.get_running_loop()
+        pending = self._timers.get(key)
+        if pending is not None:
+            if pending.when() <= loop.time() + delay_s:
+                return
+            pending.cancel()  # the earlier time wins, as in client-go's AddAfter
 
         def fire() -> None:
             self._timers.pop(key, None)
