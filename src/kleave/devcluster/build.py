@@ -1,4 +1,4 @@
-"""Build the pinned control-plane binaries from Go modules into the cache, skipping what exists.
+"""Build the pinned control-plane binaries and helm from Go modules into the cache, once.
 
 Kubernetes is built through a wrapper module: `k8s.io/kubernetes` requires its staging modules
 (`k8s.io/api`, `k8s.io/apiserver`, ...) at v0.0.0 and points them at ./staging with replace lines
@@ -20,6 +20,7 @@ from kleave.devcluster.errors import BuildError, ToolchainMissingError
 from kleave.devcluster.paths import Binaries
 from kleave.devcluster.versions import (
     ETCD_VERSION,
+    HELM_VERSION,
     KUBERNETES_VERSION,
     KWOK_VERSION,
     MIN_GO,
@@ -68,6 +69,23 @@ def version_ldflags(kubernetes_version: str = KUBERNETES_VERSION) -> str:
     flags = ["-s", "-w"]
     for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
         flags += [f"-X {package}.{key}={value}" for key, value in values.items()]
+    return " ".join(flags)
+
+
+def helm_ldflags(
+    helm_version: str = HELM_VERSION, kubernetes_version: str = KUBERNETES_VERSION
+) -> str:
+    """Helm's own release flags: `helm version` names the release (not "v3.19+unreleased"),
+    and lint and template assume the Kubernetes version the cluster runs, not 1.20."""
+    major, minor, _ = kubernetes_version.split(".")
+    flags = [
+        "-s",
+        "-w",
+        f"-X helm.sh/helm/v3/internal/version.version=v{helm_version}",
+        "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+    ]
+    for package in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+        flags += [f"-X {package}.k8sVersionMajor={major}", f"-X {package}.k8sVersionMinor={minor}"]
     return " ".join(flags)
 
 
@@ -138,7 +156,12 @@ class Builder:
 
     def _components(self) -> list[tuple[str, Path]]:
         b = self.binaries
-        return [("kubernetes", b.kubernetes_dir), ("etcd", b.etcd_dir), ("kwok", b.kwok_dir)]
+        return [
+            ("kubernetes", b.kubernetes_dir),
+            ("etcd", b.etcd_dir),
+            ("kwok", b.kwok_dir),
+            ("helm", b.helm_dir),
+        ]
 
     def _build_kubernetes(self, directory: Path) -> None:
         src = _fresh_dir(directory / "src")
@@ -194,6 +217,23 @@ class Builder:
                     f"stage file {relative} is missing from the kwok module",
                 )
             shutil.copyfile(source, stages / Path(relative).name)
+
+    def _build_helm(self, directory: Path) -> None:
+        # helm's go.mod has no replace lines, so `go install pkg@version` builds it as released.
+        self.progress(f"    compiling helm v{HELM_VERSION}")
+        (directory / "bin").mkdir(parents=True, exist_ok=True)
+        self._go_run(
+            "helm",
+            [
+                "install",
+                "-trimpath",
+                "-ldflags",
+                helm_ldflags(),
+                f"helm.sh/helm/v3/cmd/helm@v{HELM_VERSION}",
+            ],
+            directory,
+            extra_env={"GOBIN": str(directory / "bin"), "CGO_ENABLED": "0"},
+        )
 
     def _module_info(self, step: str, module: str) -> dict[str, str]:
         output = self._go_run(
@@ -266,6 +306,7 @@ def _has_bins(binaries: Binaries, component: str) -> bool:
         ],
         "etcd": [binaries.etcd],
         "kwok": [binaries.kwok, *(binaries.kwok_stages / Path(f).name for f in KWOK_STAGE_FILES)],
+        "helm": [binaries.helm],
     }[component]
     return all(p.is_file() for p in paths)
 

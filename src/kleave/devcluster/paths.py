@@ -6,7 +6,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kleave.devcluster.versions import ETCD_VERSION, KUBERNETES_VERSION, KWOK_VERSION
+from kleave.devcluster.versions import (
+    ETCD_VERSION,
+    HELM_VERSION,
+    KUBERNETES_VERSION,
+    KWOK_VERSION,
+)
 
 
 def cache_dir() -> Path:
@@ -40,6 +45,10 @@ class Binaries:
         return self.root / f"kwok-v{KWOK_VERSION}"
 
     @property
+    def helm_dir(self) -> Path:
+        return self.root / f"helm-v{HELM_VERSION}"
+
+    @property
     def kube_apiserver(self) -> Path:
         return self.kubernetes_dir / "bin" / "kube-apiserver"
 
@@ -58,6 +67,10 @@ class Binaries:
     @property
     def kwok(self) -> Path:
         return self.kwok_dir / "bin" / "kwok"
+
+    @property
+    def helm(self) -> Path:
+        return self.helm_dir / "bin" / "helm"
 
     @property
     def kwok_stages(self) -> Path:

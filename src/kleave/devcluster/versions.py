@@ -11,6 +11,11 @@ ETCD_VERSION = "3.6.10"
 KWOK_VERSION = "0.8.0"
 """`sigs.k8s.io/kwok` release, which simulates kubelets for the fake GPU nodes."""
 
+HELM_VERSION = "3.19.5"
+"""`helm.sh/helm/v3` release that lints, renders and installs charts/kleave. Helm 3.19 is built
+against client-go v0.34, the same minor as KUBERNETES_VERSION (its go.mod has no replaces).
+A move to Helm 4 also changes the module and package paths in `build.helm_ldflags`."""
+
 MIN_GO = (1, 26)
 """kwok v0.8.0 declares `go 1.26`; the other components need less."""
 

@@ -246,7 +246,12 @@ class Controllers:
         patch = status_patch(obj.get("status") or {}, desired)
         if patch:
             meta = obj["metadata"]
-            updated = await self.api.patch_status(rt, meta["namespace"], meta["name"], patch)
+            try:
+                updated = await self.api.patch_status(rt, meta["namespace"], meta["name"], patch)
+            except ApiError as error:
+                if error.not_found:
+                    return  # deleted meanwhile; its DELETED event clears the cache
+                raise
             self.observe("MODIFIED", updated)
 
     # -- InferenceDeployment ----------------------------------------------------------------
