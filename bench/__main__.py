@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from bench import devcluster
+from bench import devcluster, inference_deployments
 
-BENCHMARKS = {"devcluster": devcluster.main}
+BENCHMARKS = {"devcluster": devcluster.main, "inference": inference_deployments.main}
 
 
 def main() -> None:

@@ -23,9 +23,7 @@ def _deployment(name: str, replicas: int, gpu: bool) -> dict[str, Any]:
         {"limits": {"nvidia.com/gpu": "1"}} if gpu else {"requests": {"cpu": "10m"}}
     )
     spec: dict[str, Any] = {
-        "tolerations": [
-            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-        ],
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "containers": [{"name": "c", "image": "registry.invalid/x:1", "resources": resources}],
     }
     if not gpu:

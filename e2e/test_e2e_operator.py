@@ -473,6 +473,9 @@ def _children(cluster: Cluster, selector: str) -> list[str]:
 def test_operator_killed_mid_reconcile_converges_without_duplicates(
     cluster: Cluster, operator: Operator
 ) -> None:
+    # 20 deployments x 2 GPUs need the dev cluster's GPUs: free those earlier tests hold.
+    cluster.kubectl("delete", "infd", "--all", "-n", "default", "--timeout=60s")
+    wait_for(lambda: not _pods(cluster, "kleave.dev/component=worker"), 60, "earlier workers gone")
     cluster.kubectl("create", "namespace", "resilience")
     docs = "".join(
         "---\n" + SMALL.replace("NAME", f"r{n}").replace("default", "resilience") for n in range(20)

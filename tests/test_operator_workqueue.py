@@ -522,3 +522,21 @@ def test_build_event_truncates_long_messages() -> None:
     assert len(event["message"]) == 1000
     assert event["message"].endswith("…")
     assert event["metadata"]["name"] == event_name(OBJ, "R", event["message"])
+
+
+def test_store_label_index_follows_relabels_and_removals() -> None:
+    store = Store("Pod", index_label="kleave.dev/inference-pool")
+
+    def pod(name: str, pool: str, namespace: str = "ns") -> dict[str, Any]:
+        labels = {"kleave.dev/inference-pool": pool}
+        return {"metadata": {"name": name, "namespace": namespace, "labels": labels}}
+
+    store.upsert(pod("a", "p1"))
+    store.upsert(pod("b", "p1"))
+    store.upsert(pod("c", "p1", namespace="other"))
+    assert [p["metadata"]["name"] for p in store.labelled("ns", "p1")] == ["a", "b"]
+    store.upsert(pod("b", "p2"))  # relabelled: leaves p1's index
+    assert [p["metadata"]["name"] for p in store.labelled("ns", "p1")] == ["a"]
+    store.remove(pod("a", "p1"))
+    assert store.labelled("ns", "p1") == []
+    assert [p["metadata"]["name"] for p in store.labelled("ns", "p2")] == ["b"]

@@ -116,7 +116,10 @@ class Controllers:
         self.api = api
         self.recorder = EventRecorder(api)
         self.workers = workers
-        self.stores = {rt.kind: Store(rt.kind) for rt, _ in WATCHED}
+        self.stores = {
+            rt.kind: Store(rt.kind, index_label=LABEL_POOL if rt is POD else None)
+            for rt, _ in WATCHED
+        }
         self.queue: Any = None  # created inside the running loop
         self._gpu_nodes = pool_status.gpu_products(())
         self._primed = asyncio.Event()
@@ -238,7 +241,11 @@ class Controllers:
         if current is not None and contains(current, desired):
             return
         applied = await self.api.apply(desired)
-        self.observe("MODIFIED", applied)
+        unchanged = current is not None and (
+            applied["metadata"].get("resourceVersion") == current["metadata"].get("resourceVersion")
+        )
+        if not unchanged:  # a no-op apply must not requeue its owner (a hot loop)
+            self.observe("MODIFIED", applied)
 
     async def _write_status(
         self, rt: ResourceType, obj: Mapping[str, Any], desired: Mapping[str, Any]
@@ -375,12 +382,7 @@ class Controllers:
             *self.stores["Deployment"].owned_by(uid),
             *self.stores["StatefulSet"].owned_by(uid),
         ]
-        pods = [
-            pod
-            for pod in self.stores["Pod"].all()
-            if pod["metadata"].get("namespace") == namespace
-            and (pod["metadata"].get("labels") or {}).get(LABEL_POOL) == name
-        ]
+        pods = self.stores["Pod"].labelled(namespace, name)
         decision = pool_status.decide(
             pool=pool, workloads=workloads, pods=pods, gpu_nodes=self._gpu_nodes,
             now=datetime.now(UTC),

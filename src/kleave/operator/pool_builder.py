@@ -259,6 +259,5 @@ def build_service(pool: Mapping[str, Any], revision: str) -> dict[str, Any]:
                 {"name": p.name, "port": p.port, "targetPort": p.name, "protocol": "TCP"}
                 for p in preset_ports
             ],
-            "publishNotReadyAddresses": False,
         },
     }

@@ -62,11 +62,13 @@ _SLIMMERS = {"Pod": slim_pod, "Node": slim_node}
 class Store:
     """Objects of one kind by (namespace, name), with an owner-uid index."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, index_label: str | None = None) -> None:
         self.kind = kind
         self._objects: dict[Key, Obj] = {}
         self._by_owner: dict[str, set[Key]] = defaultdict(set)
         self._slim = _SLIMMERS.get(kind)
+        self._index_label = index_label
+        self._by_label: dict[Key, set[Key]] = defaultdict(set)
 
     @staticmethod
     def key_of(obj: Mapping[str, Any]) -> Key:
@@ -82,7 +84,16 @@ class Store:
         owner = controller_uid(stored)
         if owner:
             self._by_owner[owner].add(key)
+        value = self._label_value(stored)
+        if value is not None:
+            self._by_label[(key[0], value)].add(key)
         return stored
+
+    def _label_value(self, obj: Mapping[str, Any]) -> str | None:
+        if self._index_label is None:
+            return None
+        value = (obj.get("metadata", {}).get("labels") or {}).get(self._index_label)
+        return None if value is None else str(value)
 
     def remove(self, obj: Mapping[str, Any]) -> None:
         key = self.key_of(obj)
@@ -92,12 +103,18 @@ class Store:
     def replace_all(self, objects: Iterable[Mapping[str, Any]]) -> None:
         self._objects.clear()
         self._by_owner.clear()
+        self._by_label.clear()
         for obj in objects:
             self.upsert(obj)
 
     def _unindex(self, key: Key) -> None:
         old = self._objects.get(key)
         if old is not None:
+            value = self._label_value(old)
+            if value is not None:
+                self._by_label[(key[0], value)].discard(key)
+                if not self._by_label[(key[0], value)]:
+                    del self._by_label[(key[0], value)]
             owner = controller_uid(old)
             if owner and owner in self._by_owner:
                 self._by_owner[owner].discard(key)
@@ -110,6 +127,11 @@ class Store:
     def owned_by(self, uid: str) -> list[Obj]:
         """Objects whose controller owner has this uid, sorted by name."""
         keys = sorted(self._by_owner.get(uid, ()))
+        return [self._objects[key] for key in keys if key in self._objects]
+
+    def labelled(self, namespace: str, value: str) -> list[Obj]:
+        """Objects in ``namespace`` whose index label has ``value``, sorted by name."""
+        keys = sorted(self._by_label.get((namespace, value), ()))
         return [self._objects[key] for key in keys if key in self._objects]
 
     def all(self) -> list[Obj]:
