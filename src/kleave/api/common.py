@@ -185,3 +185,15 @@ def _check_printer_column(kind: str, column: Mapping[str, object]) -> None:
     priority = column.get("priority", 0)
     if not isinstance(priority, int) or priority < 0:
         raise ValueError(f"{kind}: printer column {column['name']!r} priority must be >= 0")
+
+
+def conditions_field(description: str) -> Any:
+    """``status.conditions``: a list keyed by type, so merge patches and SSA touch one entry."""
+    return Field(
+        default_factory=list,
+        description=description,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    )

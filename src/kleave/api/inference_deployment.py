@@ -19,6 +19,7 @@ from kleave.api.common import (
     PrinterColumn,
     SpecModel,
     StatusModel,
+    conditions_field,
 )
 from kleave.api.crd import crd_for
 from kleave.api.inference_pool import (
@@ -343,17 +344,10 @@ class InferenceDeploymentStatus(StatusModel):
         default_factory=dict, description="Each pool's replicas, by role."
     )
     router: RouterStatus | None = Field(default=None, description="The router's replicas.")
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        description=(
-            "Current conditions, one per type: Accepted (the spec is valid and supported), "
-            "Ready (serving), Progressing (a rollout or scale under way), Degraded (why not "
-            "fully healthy: NoNodesForGPUType, Unschedulable, PoolNotReady)."
-        ),
-        json_schema_extra={
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-        },
+    conditions: list[Condition] = conditions_field(
+        "Current conditions, one per type: Accepted (the spec is valid and supported), "
+        "Ready (serving), Progressing (a rollout or scale under way), Degraded (why not "
+        "fully healthy: NoNodesForGPUType, Unschedulable, PoolNotReady)."
     )
 
 

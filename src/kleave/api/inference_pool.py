@@ -20,6 +20,7 @@ from kleave.api.common import (
     ScaleSubresource,
     SpecModel,
     StatusModel,
+    conditions_field,
 )
 from kleave.api.crd import crd_for
 
@@ -338,16 +339,9 @@ class InferencePoolStatus(StatusModel):
             "x-kubernetes-list-map-keys": ["revision"],
         },
     )
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        description=(
-            "Ready (every desired replica ready), Progressing (a rollout or scale is under "
-            "way), Degraded (with reason NoNodesForGPUType, Unschedulable or PoolNotReady)."
-        ),
-        json_schema_extra={
-            "x-kubernetes-list-type": "map",
-            "x-kubernetes-list-map-keys": ["type"],
-        },
+    conditions: list[Condition] = conditions_field(
+        "Ready (every desired replica ready), Progressing (a rollout or scale is under "
+        "way), Degraded (with reason NoNodesForGPUType, Unschedulable or PoolNotReady)."
     )
 
 

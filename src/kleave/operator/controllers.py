@@ -45,8 +45,6 @@ from kleave.operator.metrics import (
     RESULT_TEMPORARY_ERROR,
 )
 from kleave.operator.naming import (
-    COMPONENT_ROUTER,
-    LABEL_COMPONENT,
     LABEL_DEPLOYMENT,
     LABEL_POOL,
     LABEL_REVISION,
@@ -58,6 +56,7 @@ from kleave.operator.naming import (
 )
 from kleave.operator.serving_plan import build_plan
 from kleave.operator.store import Store
+from kleave.operator.workqueue import WorkQueue, run_workers
 
 logger = logging.getLogger("kleave.operator.controllers")
 
@@ -180,7 +179,7 @@ class Controllers:
                     )
         elif LABEL_POOL in labels:
             self.queue.add((POOL_KEY, namespace, labels[LABEL_POOL]))
-        elif labels.get(LABEL_COMPONENT) == COMPONENT_ROUTER or LABEL_DEPLOYMENT in labels:
+        elif LABEL_DEPLOYMENT in labels:  # the router, its Service, the plan ConfigMaps
             self.queue.add((DEPLOYMENT_KEY, namespace, labels[LABEL_DEPLOYMENT]))
 
     async def prime(self) -> None:
@@ -193,8 +192,6 @@ class Controllers:
 
     async def run(self) -> None:
         """Prime the caches, then reconcile until cancelled (with a periodic full resync)."""
-        from kleave.operator.workqueue import WorkQueue, run_workers
-
         self.queue = WorkQueue()
         while True:
             try:

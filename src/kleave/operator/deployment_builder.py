@@ -18,6 +18,8 @@ from kleave.operator.naming import (
     COMPONENT_PLAN,
     COMPONENT_ROUTER,
     COMPONENT_WORKER,
+    LABEL_COMPONENT,
+    LABEL_DEPLOYMENT,
     LABEL_REVISION,
     LABEL_ROLE,
     base_labels,
@@ -94,7 +96,7 @@ def router_labels(name: str) -> dict[str, str]:
 
 
 def router_selector(name: str) -> dict[str, str]:
-    return {"kleave.dev/inference-deployment": name, "kleave.dev/component": COMPONENT_ROUTER}
+    return {LABEL_DEPLOYMENT: name, LABEL_COMPONENT: COMPONENT_ROUTER}
 
 
 def _router_preset(

@@ -242,7 +242,6 @@ def build_service(pool: Mapping[str, Any], revision: str) -> dict[str, Any]:
     """A headless Service per pool and revision: the router and peers see every worker."""
     spec = InferencePoolSpec.model_validate(pool["spec"])
     meta = pool["metadata"]
-    preset_ports = [engines.Port("http", engines.WORKER_PORT)]
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -256,8 +255,12 @@ def build_service(pool: Mapping[str, Any], revision: str) -> dict[str, Any]:
             "clusterIP": "None",
             "selector": selector_labels(meta["name"], revision),
             "ports": [
-                {"name": p.name, "port": p.port, "targetPort": p.name, "protocol": "TCP"}
-                for p in preset_ports
+                {
+                    "name": "http",
+                    "port": engines.WORKER_PORT,
+                    "targetPort": "http",
+                    "protocol": "TCP",
+                }
             ],
         },
     }

@@ -14,10 +14,10 @@ from datetime import datetime
 from typing import Any
 
 from kleave.api.inference_pool import GPU_PRODUCT_LABEL
-from kleave.operator.conditions import get_condition, set_condition
+from kleave.operator.conditions import get_condition
 from kleave.operator.naming import LABEL_POOL, LABEL_REVISION
 from kleave.operator.pool_builder import selector_string
-from kleave.operator.rollout import Event, transition_events
+from kleave.operator.rollout import ConditionWriter, Event
 
 NOT_READY_GRACE_S = 300.0
 """How long a pool may have unready replicas (image pulls, weight loading) before it is
@@ -102,17 +102,10 @@ def decide(
              "updatedReplicas": old_updated}
         )  # fmt: skip
 
-    conditions = list((pool.get("status") or {}).get("conditions") or [])
-    events: list[Event] = []
-
-    def put(type_: str, ok: bool, reason: str, message: str) -> None:
-        nonlocal conditions
-        before = get_condition(conditions, type_)
-        conditions = set_condition(
-            conditions, type=type_, status="True" if ok else "False", reason=reason,
-            message=message, generation=generation, now=now,
-        )  # fmt: skip
-        events.extend(transition_events(type_, before, get_condition(conditions, type_)))
+    writer = ConditionWriter(
+        list((pool.get("status") or {}).get("conditions") or []), generation, now
+    )
+    put = writer.put
 
     all_ready = ready >= replicas and updated >= replicas
     put(
@@ -130,10 +123,9 @@ def decide(
         + (f"; revision {retain} kept until the router moves" if len(revisions) > 1 else ""),
     )
 
-    my_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(LABEL_POOL)]
     gpu_type = spec["gpuType"]
-    pending = unschedulable_message(my_pods)
-    not_ready_since = get_condition(conditions, "Ready")
+    pending = unschedulable_message(pods)
+    not_ready_since = get_condition(writer.conditions, "Ready")
     stuck = False
     if not all_ready and not_ready_since is not None:
         since = datetime.fromisoformat(str(not_ready_since["lastTransitionTime"]))
@@ -160,15 +152,15 @@ def decide(
         put("Degraded", False, "AsExpected", "the pool's workers schedule and start")
 
     status: dict[str, Any] = {
-        "replicas": replicas if current is None else max(_counts(current)[0], 0),
+        "replicas": replicas if current is None else _counts(current)[0],
         "readyReplicas": ready,
         "updatedReplicas": updated,
         "selector": selector_string({LABEL_POOL: pool["metadata"]["name"]}),
         "revisions": revisions,
-        "conditions": conditions,
+        "conditions": writer.conditions,
     }
     if generation is not None:
         status["observedGeneration"] = generation
     return PoolDecision(
-        revision=revision, replicas=replicas, delete=delete, status=status, events=events
+        revision=revision, replicas=replicas, delete=delete, status=status, events=writer.events
     )

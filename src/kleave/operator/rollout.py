@@ -124,6 +124,26 @@ def transition_events(
     return []
 
 
+class ConditionWriter:
+    """Sets conditions one by one and collects the events their transitions deserve."""
+
+    def __init__(
+        self, conditions: list[dict[str, Any]], generation: int | None, now: datetime
+    ) -> None:
+        self.conditions = conditions
+        self.events: list[Event] = []
+        self._generation = generation
+        self._now = now
+
+    def put(self, type_: str, ok: bool, reason: str, message: str) -> None:
+        before = get_condition(self.conditions, type_)
+        self.conditions = set_condition(
+            self.conditions, type=type_, status="True" if ok else "False", reason=reason,
+            message=message, generation=self._generation, now=self._now,
+        )  # fmt: skip
+        self.events.extend(transition_events(type_, before, get_condition(self.conditions, type_)))
+
+
 def decide(
     *,
     owner: Mapping[str, Any],
@@ -185,7 +205,6 @@ def decide(
             )
         )
 
-    conditions = list(status.get("conditions") or [])
     pool_status: dict[str, Any] = {}
     degraded: list[tuple[str, str, str]] = []
     for role in roles:
@@ -203,19 +222,8 @@ def decide(
         if cond is not None and cond.get("status") == "True":
             degraded.append((role, str(cond.get("reason")), str(cond.get("message"))))
 
-    def put(type_: str, ok: bool, reason: str, message: str) -> None:
-        nonlocal conditions
-        before = get_condition(conditions, type_)
-        conditions = set_condition(
-            conditions,
-            type=type_,
-            status="True" if ok else "False",
-            reason=reason,
-            message=message,
-            generation=generation,
-            now=now,
-        )
-        events.extend(transition_events(type_, before, get_condition(conditions, type_)))
+    writer = ConditionWriter(list(status.get("conditions") or []), generation, now)
+    put = writer.put
 
     put(
         "Accepted",
@@ -273,7 +281,7 @@ def decide(
         "servingRevision": serving,
         "pools": pool_status,
         "router": {"replicas": router_replicas, "readyReplicas": router_ready},
-        "conditions": conditions,
+        "conditions": writer.conditions,
     }
     if generation is not None:
         new_status["observedGeneration"] = generation
@@ -284,5 +292,5 @@ def decide(
         serving_revision=serving,
         keep_revisions=frozenset({revision, serving, router_revision}),
         status=new_status,
-        events=events,
+        events=events + writer.events,
     )
