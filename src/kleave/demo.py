@@ -49,14 +49,17 @@ class Demo:
         health = self._ensure_operator(Path(state.kubeconfig))
         self.say(f"==> operator ready (health/metrics: {health})")
         self._run(["apply", "-f", str(self.examples)])
-        self._wait_reconciled()
+        # The operator starts each router once its pools have a ready replica: wait for that.
+        self._run(["wait", "--for=condition=Ready", "infd", "--all", "-A", "--timeout=120s"])
         self._run(["get", "nodes", "-L", "nvidia.com/gpu.product"])
         self._run(["get", "inferencedeployments", "-A", "-o", "wide"])
+        self._run(["get", "inferencepools", "-A", "-o", "wide"])
         self.say(
             "\nkleave is running on a local control plane. Look around with:\n"
             f"  export PATH={Path(self.kubectl).parent}:$PATH   # this kubectl and kleave\n"
             f"  export KUBECONFIG={state.kubeconfig}\n"
             "  kubectl get infd -A                     # InferenceDeployments\n"
+            "  kubectl scale infp/llama-8b-pd-decode --replicas=5   # an External pool\n"
             "  kubectl describe infd <name>            # conditions and events\n"
             "  kubectl explain infd.spec               # the API reference\n"
             f"  curl -s {health}/metrics | grep kleave_  # operator metrics\n"
@@ -94,21 +97,6 @@ class Demo:
 
     def _operator_log(self) -> Path:
         return self.cluster.state_dir / "logs" / "operator.log"
-
-    def _wait_reconciled(self) -> None:
-        jsonpath = (
-            "{range .items[*]}{.metadata.generation}={.status.observedGeneration}{'\\n'}{end}"
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            out = self._run(["get", "infd", "-A", "-o", f"jsonpath={jsonpath}"], echo=False)
-            pairs = [line.split("=") for line in out.splitlines() if line]
-            if pairs and all(generation == observed for generation, observed in pairs):
-                return
-            time.sleep(0.3)
-        raise DevClusterError(
-            f"examples not reconciled in 60s (operator log: {self._operator_log()})"
-        )
 
     def _run(self, args: list[str], stdin: str | None = None, echo: bool = True) -> str:
         kubeconfig = self.cluster.kubeconfig_path
