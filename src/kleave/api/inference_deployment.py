@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
+from kleave.api.autoscaling import AutoscalingSpec, PlannerStatus, SloSpec
 from kleave.api.common import (
     DEFAULTED,
     Condition,
@@ -301,6 +302,16 @@ class InferenceDeploymentSpec(SpecModel):
         default_factory=RouterSpec, json_schema_extra=DEFAULTED, description="The request router."
     )
     pools: Pools = Field(description="The worker pools by role.")
+    slo: SloSpec = Field(
+        default_factory=SloSpec,
+        json_schema_extra=DEFAULTED,
+        description="Latency targets the planner provisions for.",
+    )
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec,
+        json_schema_extra=DEFAULTED,
+        description="The DOPD planner, for pools whose scaling is Planner.",
+    )
 
 
 class PoolStatus(StatusModel):
@@ -344,10 +355,14 @@ class InferenceDeploymentStatus(StatusModel):
         default_factory=dict, description="Each pool's replicas, by role."
     )
     router: RouterStatus | None = Field(default=None, description="The router's replicas.")
+    planner: PlannerStatus | None = Field(
+        default=None, description="The planner's last observation and decision."
+    )
     conditions: list[Condition] = conditions_field(
         "Current conditions, one per type: Accepted (the spec is valid and supported), "
         "Ready (serving), Progressing (a rollout or scale under way), Degraded (why not "
-        "fully healthy: NoNodesForGPUType, Unschedulable, PoolNotReady)."
+        "fully healthy: NoNodesForGPUType, Unschedulable, PoolNotReady), PlannerDegraded "
+        "(the planner cannot read metrics or size pools; replicas are held)."
     )
 
 

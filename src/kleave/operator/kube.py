@@ -281,11 +281,16 @@ class KubeApi:
         return await self.request("POST", rt.path(namespace), body=obj)
 
     async def merge_patch(
-        self, rt: ResourceType, namespace: str | None, name: str, patch: Mapping[str, Any]
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        subresource: str = "",
     ) -> dict[str, Any]:
         return await self.request(
             "PATCH",
-            rt.path(namespace, name),
+            rt.path(namespace, name, subresource),
             body=dict(patch),
             content_type="application/merge-patch+json",
         )
