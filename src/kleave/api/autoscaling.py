@@ -62,7 +62,7 @@ class PrometheusSource(SpecModel):
 def _autoscaling_rules() -> list[dict[str, Any]]:
     return [
         {
-            "rule": "self.mode == 'off' || has(self.prometheus)",
+            "rule": "!has(self.mode) || self.mode == 'off' || has(self.prometheus)",
             "message": "spec.autoscaling.prometheus is required when mode is reactive or forecast",
             "fieldPath": ".prometheus",
         },

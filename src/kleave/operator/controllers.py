@@ -54,6 +54,7 @@ from kleave.operator.naming import (
     pool_name,
     router_name,
 )
+from kleave.operator.planner_runner import PlannerRunner, merge_planner_status
 from kleave.operator.serving_plan import build_plan
 from kleave.operator.store import Store
 from kleave.operator.workqueue import WorkQueue, run_workers
@@ -122,6 +123,13 @@ class Controllers:
         self.queue: Any = None  # created inside the running loop
         self._gpu_nodes = pool_status.gpu_products(())
         self._primed = asyncio.Event()
+        self.planner = PlannerRunner(
+            api,
+            self.stores["InferenceDeployment"],
+            self.stores["InferencePool"],
+            self.recorder,
+            lambda namespace, name: self.queue.add((DEPLOYMENT_KEY, namespace, name)),
+        )
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -212,6 +220,7 @@ class Controllers:
             )
         finally:
             resync.cancel()
+            self.planner.stop()
 
     def _enqueue_all(self) -> None:
         for kind, key_kind in (
@@ -263,13 +272,16 @@ class Controllers:
     async def reconcile_deployment(self, namespace: str, name: str) -> float | None:
         owner = self.stores["InferenceDeployment"].get(namespace, name)
         if owner is None or owner["metadata"].get("deletionTimestamp"):
+            self.planner.sync(namespace, name, None)
             return None
         try:
             spec = InferenceDeploymentSpec.model_validate(owner.get("spec") or {})
             revision, plan = build_plan(spec, name=name, namespace=namespace)
         except (ValidationError, engines.EngineConfigError) as error:
+            self.planner.sync(namespace, name, None)
             await self._reject(owner, error)
             return None
+        self.planner.sync(namespace, name, spec)
 
         pools: dict[Role, Mapping[str, Any] | None] = {
             role: self.stores["InferencePool"].get(namespace, pool_name(name, role))
@@ -338,7 +350,16 @@ class Controllers:
                     CONFIGMAP, namespace, cm["metadata"]["name"], uid=cm["metadata"]["uid"]
                 )
 
-        await self._write_status(INFERENCE_DEPLOYMENT, owner, decision.status)
+        planner_status, degraded = self.planner.status(namespace, name)
+        status = merge_planner_status(
+            decision.status,
+            active=self.planner.active(namespace, name),
+            planner=planner_status,
+            degraded=degraded,
+            generation=owner["metadata"].get("generation"),
+            now=datetime.now(UTC),
+        )
+        await self._write_status(INFERENCE_DEPLOYMENT, owner, status)
         for event in decision.events:
             target = owner if event.on_pool is None else pools.get(event.on_pool)
             if target is not None:
