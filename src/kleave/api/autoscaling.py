@@ -59,7 +59,7 @@ class PrometheusSource(SpecModel):
     )
 
 
-def _autoscaling_rules() -> list[dict[str, Any]]:
+def _autoscaling_rules() -> list[Any]:
     return [
         {
             "rule": "!has(self.mode) || self.mode == 'off' || has(self.prometheus)",
