@@ -1,0 +1,269 @@
+"""The kleave planner step (DOPD), pure and stateful: the operator and the simulator both run it.
+
+Every interval, `Planner.plan`:
+1. forecasts request rate, input and output length over the next interval plus the pod
+   start-up lead time (`AutoForecaster`), and provisions for the forecast's upper bound: the
+   load a new pod will meet when it is ready, not the load just seen;
+2. turns that load into fractional replicas per role with the capacity model
+   (`solver.required_replicas`), scaled by latency corrections (observed over expected TTFT
+   and TPOT at the load and replicas of the interval just finished: the model's error);
+3. rounds, bounds and damps them with `solver.decide` (hysteresis, cooldown, max step, GPU
+   budget, emergency scale-up on queue depth or KV usage).
+
+Between intervals `Planner.react` runs only the emergency part, so a burst that fills queues
+gets replicas within one metrics scrape rather than one interval. It does not fire again for a
+pool whose last change is younger than the start-up time: pods asked for are still starting.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from kleave.planner.capacity import CapacityProfile
+from kleave.planner.solver import (
+    Load,
+    PoolDecision,
+    PoolLimits,
+    PoolState,
+    ScalingPolicy,
+    Slo,
+    decide,
+    expected_tpot_s,
+    expected_ttft_mean_s,
+    expected_ttft_s,
+    latency_correction,
+    required_replicas,
+)
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    topology: str
+    """"PD" | "Colocated" | "PDAF"."""
+    profiles: Mapping[str, CapacityProfile]
+    """By role, each on its pool's GPU type."""
+    limits: Mapping[str, PoolLimits]
+    slo: Slo
+    interval_s: float
+    """Decision interval, and the step of the load history."""
+    lead_time_s: float
+    """Pod start-up: the planner provisions for the load at now + lead + interval."""
+    level: float = 0.8
+    """Forecast interval level; its upper bound is provisioned."""
+    policy: ScalingPolicy = field(default_factory=ScalingPolicy)
+    season_s: float | None = 86_400.0
+    history_s: float | None = 7 * 86_400.0
+    """The forecasters read at most this much history (the API's history window)."""
+    reselect_every: int = 36
+    """Forecast model choice (a rolling backtest, seconds of CPU) every this many intervals."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    now_s: float
+    rate: FloatArray
+    """Request rate (req/s) per interval, oldest first; the last is the interval just
+    finished. NaN = missing."""
+    isl: FloatArray
+    osl: FloatArray
+    ttft_s: float | None
+    """TTFT of the requests of the last interval, the statistic `latency_quantile` names."""
+    tpot_s: float | None
+    """Time per output token of the requests of the last interval, likewise."""
+    pools: Mapping[str, PoolState]
+    peak_rate: FloatArray | None = None
+    """Per interval, the highest rate over short sub-windows (a scrape interval): how bursty
+    the load is within an interval. None: assume Poisson arrivals."""
+    latency_quantile: float | None = 0.9
+    """Which statistic `ttft_s` and `tpot_s` are: a quantile (0.9: the p90 the operator reads
+    from the histograms) or None for the mean (rate of sum over rate of count)."""
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    decisions: dict[str, PoolDecision]
+    forecast: Load
+    """Mean forecast for the provisioning horizon."""
+    provisioned: Load
+    """What was provisioned for (upper bound of the rate forecast)."""
+    model: str
+    """The forecaster chosen."""
+    corrections: dict[str, float]
+
+
+class _Forecast(Protocol):
+    @property
+    def mean(self) -> FloatArray: ...
+
+    @property
+    def upper(self) -> FloatArray: ...
+
+    @property
+    def model(self) -> str: ...
+
+
+class _Forecaster(Protocol):
+    def forecast(self, history: FloatArray, horizon: int) -> _Forecast: ...
+
+
+@dataclass(frozen=True)
+class _StandInForecast:
+    mean: FloatArray
+    upper: FloatArray
+    model: str
+
+
+class _StandIn:
+    """Temporary: last value with empirical one-step error quantiles (until forecast.py)."""
+
+    def __init__(self, season: int | None, level: float) -> None:
+        self.season = season
+        self.level = level
+
+    def forecast(self, history: FloatArray, horizon: int) -> _StandInForecast:
+        x = history[np.isfinite(history)]
+        last = float(x[-1])
+        err = np.diff(x[-200:])
+        q = float(np.quantile(err, 0.5 + self.level / 2)) if len(err) > 3 else 0.0
+        steps = np.arange(1, horizon + 1)
+        return _StandInForecast(np.full(horizon, last), last + max(q, 0) * np.sqrt(steps), "naive")
+
+
+def _forecaster(settings: PlannerSettings, season: int | None) -> _Forecaster:
+    try:
+        from kleave.planner.forecast import AutoForecaster
+    except ImportError:
+        return _StandIn(season, settings.level)
+    history = None
+    if settings.history_s:
+        history = max(2, round(settings.history_s / settings.interval_s))
+    forecaster: _Forecaster = AutoForecaster(
+        season,
+        level=settings.level,
+        reselect_every=settings.reselect_every,
+        max_history=history,
+    )
+    return forecaster
+
+
+def _last_finite(values: FloatArray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite[-1]) if len(finite) else None
+
+
+MIN_HISTORY = 3
+"""Fewer finite points than this and the planner provisions for the last value seen."""
+BURST_MEMORY_S = 1800.0
+"""Bursts seen within this long are expected again: the short-window peak provisioned is a
+high quantile of the peaks over this window."""
+BURST_QUANTILE = 1.0
+
+
+class Planner:
+    """One InferenceDeployment's planner: keeps the forecasters and latency corrections."""
+
+    def __init__(self, settings: PlannerSettings) -> None:
+        self.settings = settings
+        season = None
+        if settings.season_s:
+            m = round(settings.season_s / settings.interval_s)
+            season = m if m >= 2 else None
+        self._forecasters = {key: _forecaster(settings, season) for key in ("rate", "isl", "osl")}
+        self.corrections: dict[str, float] = {role: 1.0 for role in settings.profiles}
+        self._last_model = "last-value"
+
+    @property
+    def horizon(self) -> int:
+        """Forecast steps covering the next interval after a pod asked for now is ready."""
+        s = self.settings
+        return max(1, math.ceil((s.lead_time_s + s.interval_s) / s.interval_s - 1e-9))
+
+    def _predict(self, key: str, history: FloatArray) -> tuple[float, float, str]:
+        """(mean, upper) over the horizon: the largest of each over the steps."""
+        last = _last_finite(history)
+        if last is None:
+            return 0.0, 0.0, "none"
+        if int(np.sum(np.isfinite(history))) < MIN_HISTORY:
+            return last, last, "last-value"
+        f = self._forecasters[key].forecast(history, self.horizon)
+        mean = float(np.nanmax(f.mean)) if np.any(np.isfinite(f.mean)) else last
+        upper = float(np.nanmax(f.upper)) if np.any(np.isfinite(f.upper)) else mean
+        return max(mean, 0.0), max(upper, mean, 0.0), f.model
+
+    def _update_corrections(self, obs: Observation) -> None:
+        """Observed over expected latency at the last interval's load and replicas, the
+        expectation being the same statistic (mean or quantile) the observation is."""
+        s = self.settings
+        rate = _last_finite(obs.rate[-1:])
+        isl, osl = _last_finite(obs.isl[-1:]), _last_finite(obs.osl[-1:])
+        if not rate or isl is None or osl is None:
+            return
+        load = Load(rate, isl, osl)
+        decode_role = "decode" if "decode" in s.profiles else "attention"
+        first_step = 0.0
+        if decode_role in s.profiles and decode_role in obs.pools:
+            replicas = max(obs.pools[decode_role].replicas, 1)
+            first_step = expected_tpot_s(load, s.profiles[decode_role], replicas)
+            self.corrections[decode_role] = latency_correction(
+                obs.tpot_s, first_step, self.corrections[decode_role]
+            )
+        if "prefill" in s.profiles and "prefill" in obs.pools:
+            replicas = max(obs.pools["prefill"].replicas, 1)
+            profile = s.profiles["prefill"]
+            if obs.latency_quantile is None:
+                expected = expected_ttft_mean_s(load, profile, replicas)
+            else:
+                q = Slo(s.slo.ttft_s, s.slo.tpot_s, obs.latency_quantile)
+                expected = expected_ttft_s(load, profile, replicas, q)
+            # The first token comes out of one decode step after the KV transfer.
+            self.corrections["prefill"] = latency_correction(
+                obs.ttft_s, expected + first_step, self.corrections["prefill"]
+            )
+        if "attention" in self.corrections and "ffn" in self.corrections:
+            self.corrections["ffn"] = self.corrections["attention"]
+
+    def plan(self, obs: Observation) -> PlanResult:
+        s = self.settings
+        self._update_corrections(obs)
+        rate_mean, rate_upper, model = self._predict("rate", np.asarray(obs.rate, np.float64))
+        isl_mean, _, _ = self._predict("isl", np.asarray(obs.isl, np.float64))
+        osl_mean, _, _ = self._predict("osl", np.asarray(obs.osl, np.float64))
+        forecast = Load(rate_mean, isl_mean, osl_mean)
+        provisioned = Load(rate_upper, isl_mean, osl_mean, self._recent_peak(obs))
+        need = required_replicas(provisioned, s.profiles, s.slo, s.topology)
+        need = {role: n * self.corrections.get(role, 1.0) for role, n in need.items()}
+        states = {role: obs.pools.get(role, PoolState(0)) for role in need}
+        decisions = decide(need, states, s.limits, s.policy, obs.now_s)
+        return PlanResult(decisions, forecast, provisioned, model, dict(self.corrections))
+
+    def _recent_peak(self, obs: Observation) -> float | None:
+        """The highest short-window rate of the recent intervals (None when unknown)."""
+        if obs.peak_rate is None:
+            return None
+        n = max(1, round(BURST_MEMORY_S / self.settings.interval_s))
+        peak = np.asarray(obs.peak_rate, np.float64)[-n:]
+        peak = peak[np.isfinite(peak)]
+        return float(np.quantile(peak, BURST_QUANTILE)) if len(peak) else None
+
+    def react(self, now_s: float, pools: Mapping[str, PoolState]) -> dict[str, PoolDecision]:
+        """The emergency check alone: hold every pool unless its queue or KV usage crossed the
+        thresholds and it has not changed within the start-up time."""
+        s = self.settings
+        states = {}
+        for role, state in pools.items():
+            recent = state.last_change_s is not None and now_s - state.last_change_s < (
+                s.lead_time_s
+            )
+            states[role] = (
+                PoolState(state.replicas, state.last_change_s, None, None) if recent else state
+            )
+        hold = {role: float(state.replicas) for role, state in states.items()}
+        return decide(hold, states, s.limits, s.policy, now_s)
