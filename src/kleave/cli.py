@@ -328,17 +328,12 @@ def demo_down() -> None:
 
 # ----- planner tools --------------------------------------------------------------------------
 def _register_planner_tools() -> None:
-    """`forecast`, `simulate` and `loadgen` live next to the code they drive."""
+    """`forecast` and `loadgen` live next to the code they drive."""
     from kleave.planner.forecast_cli import forecast
     from kleave.sim.loadgen_cli import loadgen
 
     main.add_command(forecast)
     main.add_command(loadgen)
-    try:
-        from kleave.sim.cli import simulate
-    except ImportError:  # pragma: no cover - the simulator is part of the package
-        return
-    main.add_command(simulate)
 
 
 _register_planner_tools()
