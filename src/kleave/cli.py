@@ -328,11 +328,13 @@ def demo_down() -> None:
 
 # ----- planner tools --------------------------------------------------------------------------
 def _register_planner_tools() -> None:
-    """`forecast` and `loadgen` live next to the code they drive."""
+    """`forecast`, `simulate` and `loadgen` live next to the code they drive."""
     from kleave.planner.forecast_cli import forecast
+    from kleave.sim.cli import simulate
     from kleave.sim.loadgen_cli import loadgen
 
     main.add_command(forecast)
+    main.add_command(simulate)
     main.add_command(loadgen)
 
 
