@@ -1,9 +1,10 @@
 """The kleave planner step (DOPD), pure and stateful: the operator and the simulator both run it.
 
 Every interval, `Planner.plan`:
-1. forecasts request rate, input and output length over the next interval plus the pod
-   start-up lead time (`AutoForecaster`), and provisions for the forecast's upper bound: the
-   load a new pod will meet when it is ready, not the load just seen;
+1. forecasts the request rate over the next interval plus the pod start-up lead time
+   (`AutoForecaster`) and provisions for the forecast's upper bound (the load a new pod will
+   meet when it is ready, not the load just seen), with the lengths of the last half hour (or
+   of the last interval, if longer) and the highest short-window peak of the last half hour;
 2. turns that load into fractional replicas per role with the capacity model
    (`solver.required_replicas`), scaled by latency corrections (observed over expected TTFT
    and TPOT at the load and replicas of the interval just finished: the model's error);
@@ -165,6 +166,10 @@ BURST_MEMORY_S = 1800.0
 """Bursts seen within this long are expected again: the short-window peak provisioned is a
 high quantile of the peaks over this window."""
 BURST_QUANTILE = 1.0
+LENGTH_MEMORY_S = 1800.0
+UPPER_CAP = 1.5
+"""The provisioned upper bound never exceeds this times the larger of the mean forecast and
+the highest value of the last season (or day of history)."""
 
 
 class Planner:
@@ -176,8 +181,9 @@ class Planner:
         if settings.season_s:
             m = round(settings.season_s / settings.interval_s)
             season = m if m >= 2 else None
-        self._forecasters = {key: _forecaster(settings, season) for key in ("rate", "isl", "osl")}
+        self._forecasters = {"rate": _forecaster(settings, season)}
         self.corrections: dict[str, float] = {role: 1.0 for role in settings.profiles}
+        self._cap_window = max(1, round(86_400.0 / settings.interval_s))
         self._last_model = "last-value"
 
     @property
@@ -186,17 +192,37 @@ class Planner:
         s = self.settings
         return max(1, math.ceil((s.lead_time_s + s.interval_s) / s.interval_s - 1e-9))
 
+    def _covering(self, steps: FloatArray, fallback: float) -> float:
+        """The most load the decision must carry: the largest step until a pod asked for now
+        is ready and the next decision's pods are too (now + lead + interval). The last
+        step counts by the share of it inside that window, so a 60 s lead on a 600 s
+        interval does not provision for the whole interval after next."""
+        values = np.where(np.isfinite(steps), steps, fallback)
+        s = self.settings
+        reach = (s.lead_time_s + s.interval_s) / s.interval_s
+        whole = max(1, math.floor(reach + 1e-9))
+        best = float(np.max(values[: min(whole, len(values))]))
+        share = reach - whole
+        if share > 1e-9 and whole < len(values):
+            best = max(best, float(values[whole - 1] + share * (values[whole] - values[whole - 1])))
+        return best
+
     def _predict(self, key: str, history: FloatArray) -> tuple[float, float, str]:
-        """(mean, upper) over the horizon: the largest of each over the steps."""
+        """(mean, upper) over the provisioning window (see `_covering`)."""
         last = _last_finite(history)
         if last is None:
             return 0.0, 0.0, "none"
         if int(np.sum(np.isfinite(history))) < MIN_HISTORY:
             return last, last, "last-value"
         f = self._forecasters[key].forecast(history, self.horizon)
-        mean = float(np.nanmax(f.mean)) if np.any(np.isfinite(f.mean)) else last
-        upper = float(np.nanmax(f.upper)) if np.any(np.isfinite(f.upper)) else mean
-        return max(mean, 0.0), max(upper, mean, 0.0), f.model
+        mean = self._covering(np.asarray(f.mean, np.float64), last)
+        upper = self._covering(np.asarray(f.upper, np.float64), mean)
+        # An interval from a few noisy errors can be absurd (a bursty series with zero
+        # windows gave 13x its largest value ever): nothing beyond the recent maximum by
+        # more than `UPPER_CAP` is believed.
+        recent = history[-self._cap_window :]
+        ceiling = UPPER_CAP * max(mean, float(np.nanmax(recent)))
+        return max(mean, 0.0), min(max(upper, mean, 0.0), ceiling), f.model
 
     def _update_corrections(self, obs: Observation) -> None:
         """Observed over expected latency at the last interval's load and replicas, the
@@ -234,8 +260,8 @@ class Planner:
         s = self.settings
         self._update_corrections(obs)
         rate_mean, rate_upper, model = self._predict("rate", np.asarray(obs.rate, np.float64))
-        isl_mean, _, _ = self._predict("isl", np.asarray(obs.isl, np.float64))
-        osl_mean, _, _ = self._predict("osl", np.asarray(obs.osl, np.float64))
+        isl_mean = self._length(np.asarray(obs.isl, np.float64), np.asarray(obs.rate, np.float64))
+        osl_mean = self._length(np.asarray(obs.osl, np.float64), np.asarray(obs.rate, np.float64))
         forecast = Load(rate_mean, isl_mean, osl_mean)
         provisioned = Load(rate_upper, isl_mean, osl_mean, self._recent_peak(obs))
         need = required_replicas(provisioned, s.profiles, s.slo, s.topology)
@@ -243,6 +269,25 @@ class Planner:
         states = {role: obs.pools.get(role, PoolState(0)) for role in need}
         decisions = decide(need, states, s.limits, s.policy, obs.now_s)
         return PlanResult(decisions, forecast, provisioned, model, dict(self.corrections))
+
+    def _length(self, lengths: FloatArray, rate: FloatArray) -> float:
+        """Mean length to provision for: the larger of the last interval's and the
+        rate-weighted mean of the last `LENGTH_MEMORY_S` (a longer prompt costs at once; a
+        shorter one is believed once it persists).
+
+        Lengths drift slowly or jump (the ServeGen means change 6-hourly), so a per-interval
+        model choice buys little, and the statsmodels candidates can stall on such a
+        piecewise-constant series with gaps (over 100 s in one ARIMA covariance, seen on the
+        ServeGen output lengths): a robust average is used instead."""
+        n = max(1, round(LENGTH_MEMORY_S / self.settings.interval_s))
+        x, w = lengths[-n:], rate[-n:]
+        ok = np.isfinite(x) & np.isfinite(w) & (w > 0)
+        last = _last_finite(lengths)
+        if last is None:
+            return 1.0
+        if not np.any(ok):
+            return last
+        return max(last if np.isfinite(x[-1]) else 0.0, float(np.average(x[ok], weights=w[ok])))
 
     def _recent_peak(self, obs: Observation) -> float | None:
         """The highest short-window rate of the recent intervals (None when unknown)."""

@@ -42,7 +42,8 @@ class Load:
         A burst longer than the TTFT target cannot wait in a queue for capacity, and the peak
         over a 10 s scrape is itself a floor (the Azure code trace's 1 s peaks are 2-3x its
         10 s peaks): the simulator shows pools sized on the mean miss a third of that trace's
-        requests, pools sized on the burst spread over the TTFT budget still 3%."""
+        requests; sized on the burst spread over the TTFT budget, or on the peak less its
+        Poisson noise, still 1.5-3%."""
         if self.peak_rate_rps is None:
             return self.rate_rps
         return max(self.rate_rps, self.peak_rate_rps)

@@ -78,26 +78,36 @@ class Pool:
     gpus_per_replica: int
     startup_s: float
     replicas: list[Replica] = field(default_factory=list)
+    """Every replica ever asked for (GPU time); `_active` holds those not draining or gone,
+    so the per-tick counts stay cheap over weeks of scaling."""
     last_change_s: float | None = None
     actions: int = 0
+    _active: list[Replica] = field(default_factory=list)
 
     def add(self, now_s: float, *, ready_now: bool = False) -> Replica:
         ready = now_s if ready_now else now_s + self.startup_s
         replica = Replica(len(self.replicas), now_s, ready)
         self.replicas.append(replica)
+        self._active.append(replica)
         return replica
 
     def active(self) -> list[Replica]:
         """Asked for and not draining or gone."""
-        return [r for r in self.replicas if not r.draining and r.gone_s is None]
+        return list(self._active)
 
     def count(self) -> int:
-        return sum(1 for r in self.replicas if not r.draining and r.gone_s is None)
+        return len(self._active)
 
     def ready_count(self, now_s: float) -> int:
-        return sum(
-            1 for r in self.replicas if not r.draining and r.gone_s is None and r.ready_s <= now_s
-        )
+        return sum(1 for r in self._active if r.ready_s <= now_s)
+
+    def release(self, replica: Replica, gone_s: float | None = None) -> None:
+        """Take a replica out of service: draining, or gone at `gone_s` when given."""
+        replica.draining = True
+        if gone_s is not None:
+            replica.gone_s = gone_s
+        if replica in self._active:
+            self._active.remove(replica)
 
     def scale_up(self, target: int, now_s: float) -> list[Replica]:
         added = [self.add(now_s) for _ in range(target - self.count())]
@@ -116,7 +126,7 @@ class Pool:
         for replica in sorted(self.active(), key=lambda r: -r.ready_s):
             if excess == 0 or replica.ready_s <= now_s:
                 break
-            replica.gone_s = now_s
+            self.release(replica, now_s)
             excess -= 1
         return excess
 

@@ -234,16 +234,12 @@ class Engine:
             candidates = [p for p in self.prefillers if self._serving(p.replica)]
             candidates.sort(key=lambda p: p.busy)
             for p in candidates[:excess]:
-                p.replica.draining = True
-                if not p.busy:
-                    p.replica.gone_s = self.now
+                pool.release(p.replica, None if p.busy else self.now)
         else:
             ready = [d for d in self.decoders if self._serving(d.replica)]
             ready.sort(key=lambda d: d.batch)
             for d in ready[:excess]:
-                d.replica.draining = True
-                if d.batch == 0:
-                    d.replica.gone_s = self.now
+                pool.release(d.replica, self.now if d.batch == 0 else None)
 
     def _serving(self, r: Replica) -> bool:
         return not r.draining and r.gone_s is None and r.ready_s <= self.now

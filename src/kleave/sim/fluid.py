@@ -400,8 +400,7 @@ def _scale(pool: Pool, target: int, now: float, w: _Window, out: _Tick) -> None:
     drain = w.mean_service if pool.role == "prefill" else w.osl * out.tpot_s
     ready = sorted((r for r in pool.active() if r.ready_s <= now), key=lambda r: -r.ready_s)
     for r in ready[:excess]:
-        r.draining = True
-        r.gone_s = now + drain
+        pool.release(r, now + drain)
 
 
 def _result(
