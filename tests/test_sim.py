@@ -4,6 +4,7 @@ policies' behaviour, and the `simulate` command."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,9 @@ from kleave.planner.capacity import CapacityProfile, DecodeCurve, PrefillCurve
 from kleave.planner.solver import Slo
 from kleave.sim import engine, fluid
 from kleave.sim.cli import simulate
-from kleave.sim.cluster import ClusterView, RoleView, TickStats
+from kleave.sim.cluster import ClusterView, Policy, RoleView, TickStats
 from kleave.sim.metrics import SimResult, summarize
-from kleave.sim.policies import Kleave, Reactive, Static
+from kleave.sim.policies import DynamoSla, Kleave, Reactive, Static
 from kleave.sim.requests import RequestSet, lognormal_shape, rescale, synthesize
 from kleave.sim.runner import Options, profiles_for
 from kleave.sim.scenario import Scenario
@@ -102,8 +103,9 @@ def test_scale_up_serves_after_the_start_up_delay_and_costs_from_the_request() -
 
 # ----- fluid model vs discrete-event engine -----------------------------------------------------
 FLUID_TOLERANCE = 0.03
-"""Attainment points the fluid model may differ by on a short synthetic trace (measured: 0.1
-point where the pool has headroom, 2.7 at the edge of saturation)."""
+"""Attainment the fluid model may differ by on a short synthetic trace (measured: 34.0% vs
+33.9% at 2/1 replicas, 87.6% vs 84.9% at 3/1 on the edge of saturation, 99.99% vs 100% at 4/1
+and 6/2)."""
 
 
 def ramp(minutes: int = 30, low: float = 10.0, high: float = 40.0) -> RateSeries:
@@ -133,19 +135,22 @@ def test_fluid_agrees_with_discrete_events_on_fixed_pools(prefill: int, decode: 
     assert float(a["gpu_hours"]) == pytest.approx(float(b["gpu_hours"]))
 
 
-def test_fluid_agrees_with_discrete_events_under_a_scaling_policy() -> None:
+@pytest.mark.parametrize("make", [Reactive, DynamoSla, Kleave])
+def test_fluid_agrees_with_discrete_events_under_a_scaling_policy(
+    make: Callable[[Scenario], Policy],
+) -> None:
+    """Measured: reactive 57.2% vs 53.3%, dynamo-sla 56.0% vs 54.3%, kleave 99.99% vs 100%;
+    GPU-hours within 2%."""
     rates = ramp()
     profiles = profiles_for(Options(trace="", policies=()))
     scenario = Scenario(profiles=profiles, slo=Slo(), startup_s=60, loads=rates)
     des = engine.simulate(
-        synthesize(rates, 1.0, seed=1), profiles, Slo(), Reactive(scenario), startup_s=60
+        synthesize(rates, 1.0, seed=1), profiles, Slo(), make(scenario), startup_s=60
     )
-    flu = fluid.simulate(
-        rates, lognormal_shape(), profiles, Slo(), Reactive(scenario), startup_s=60
-    )
+    flu = fluid.simulate(rates, lognormal_shape(), profiles, Slo(), make(scenario), startup_s=60)
     a, b = summarize(des), summarize(flu)
-    assert abs(float(a["slo_attainment"]) - float(b["slo_attainment"])) < 0.05
-    assert float(b["gpu_hours"]) == pytest.approx(float(a["gpu_hours"]), rel=0.15)
+    assert abs(a["slo_attainment"] - b["slo_attainment"]) < 0.05
+    assert b["gpu_hours"] == pytest.approx(a["gpu_hours"], rel=0.05)
 
 
 # ----- policies ---------------------------------------------------------------------------------
