@@ -21,12 +21,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from kleave.planner.capacity import CapacityProfile
+from kleave.planner.forecast import AutoForecaster
 from kleave.planner.solver import (
     Load,
     PoolDecision,
@@ -100,59 +100,16 @@ class PlanResult:
     corrections: dict[str, float]
 
 
-class _Forecast(Protocol):
-    @property
-    def mean(self) -> FloatArray: ...
-
-    @property
-    def upper(self) -> FloatArray: ...
-
-    @property
-    def model(self) -> str: ...
-
-
-class _Forecaster(Protocol):
-    def forecast(self, history: FloatArray, horizon: int) -> _Forecast: ...
-
-
-@dataclass(frozen=True)
-class _StandInForecast:
-    mean: FloatArray
-    upper: FloatArray
-    model: str
-
-
-class _StandIn:
-    """Temporary: last value with empirical one-step error quantiles (until forecast.py)."""
-
-    def __init__(self, season: int | None, level: float) -> None:
-        self.season = season
-        self.level = level
-
-    def forecast(self, history: FloatArray, horizon: int) -> _StandInForecast:
-        x = history[np.isfinite(history)]
-        last = float(x[-1])
-        err = np.diff(x[-200:])
-        q = float(np.quantile(err, 0.5 + self.level / 2)) if len(err) > 3 else 0.0
-        steps = np.arange(1, horizon + 1)
-        return _StandInForecast(np.full(horizon, last), last + max(q, 0) * np.sqrt(steps), "naive")
-
-
-def _forecaster(settings: PlannerSettings, season: int | None) -> _Forecaster:
-    try:
-        from kleave.planner.forecast import AutoForecaster
-    except ImportError:
-        return _StandIn(season, settings.level)
+def _forecaster(settings: PlannerSettings, season: int | None) -> AutoForecaster:
     history = None
     if settings.history_s:
         history = max(2, round(settings.history_s / settings.interval_s))
-    forecaster: _Forecaster = AutoForecaster(
+    return AutoForecaster(
         season,
         level=settings.level,
         reselect_every=settings.reselect_every,
         max_history=history,
     )
-    return forecaster
 
 
 def _last_finite(values: FloatArray) -> float | None:
