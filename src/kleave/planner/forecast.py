@@ -8,6 +8,7 @@ so a comparison measures the model, not the gap handling. Pure: no I/O, no print
 
 from __future__ import annotations
 
+import abc
 import ctypes
 import functools
 import math
@@ -204,7 +205,7 @@ def _check(horizon: int, level: float) -> None:
         raise ValueError(f"level must be in (0, 1), got {level}")
 
 
-class _Model:
+class _Model(abc.ABC):
     """Shared flow: clean the trailing window, fit, predict, fall back to last value."""
 
     name = "model"
@@ -217,8 +218,9 @@ class _Model:
         """Estimate parameters (the expensive part); `start` is x[0]'s index in the history."""
         return None
 
+    @abc.abstractmethod
     def predict(self, x: FloatArray, start: int, horizon: int, level: float, params: Any) -> _Point:
-        raise NotImplementedError
+        """Each model's own forecast from cleaned data and fitted parameters."""
 
     def forecast(self, history: npt.ArrayLike, horizon: int, level: float = 0.8) -> Forecast:
         return self.run(history, horizon, level)[0]
