@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from bench import devcluster, inference_deployments
+from bench import devcluster, inference_deployments, planner_pareto
 
-BENCHMARKS = {"devcluster": devcluster.main, "inference": inference_deployments.main}
+BENCHMARKS = {
+    "devcluster": devcluster.main,
+    "inference": inference_deployments.main,
+    "planner": planner_pareto.main,
+}
 
 
 def main() -> None:

@@ -315,3 +315,24 @@ def test_history_without_data_is_all_nan_and_long_ranges_are_split(stub: Any) ->
 def test_role_label_may_be_given_by_position() -> None:
     reader = PrometheusReader("http://127.0.0.1:9090", SELECTOR, "role")
     assert reader.queries.role_label == "role"
+
+
+def test_peak_history_asks_for_the_highest_burst_rate_per_step(stub: Any) -> None:
+    end = 1_700_000_000.0
+
+    def answer(path: str, params: dict[str, str]) -> Reply:
+        start = float(params["start"])
+        result = [{"metric": {}, "values": [[start, "2"], [end, "9"]]}]
+        return 200, {"status": "success", "data": {"resultType": "matrix", "result": result}}
+
+    server = stub(answer)
+    reader = PrometheusReader(server.url, SELECTOR)
+    peak = reader.peak_history(duration_s=180, step_s=60, burst_s=10, end=end)
+    np.testing.assert_array_equal(peak, [2, np.nan, 9])
+    (_, params), *_ = server.requests
+    query = params["query"]
+    assert query.startswith("max_over_time((max(sum by (kleave_dev_role) (rate(")
+    assert "vllm:request_success_total" in query and "[10s]" in query
+    assert query.endswith("[60s:5s])")
+    with pytest.raises(ValueError, match="burst window"):
+        reader.peak_history(duration_s=180, step_s=60, burst_s=120)

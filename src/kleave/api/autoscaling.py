@@ -66,6 +66,12 @@ def _autoscaling_rules() -> list[Any]:
             "message": "spec.autoscaling.prometheus is required when mode is reactive or forecast",
             "fieldPath": ".prometheus",
         },
+        {
+            "rule": "!has(self.burstWindowSeconds) || !has(self.intervalSeconds) || "
+            "self.burstWindowSeconds <= self.intervalSeconds",
+            "message": "spec.autoscaling.burstWindowSeconds must not exceed intervalSeconds",
+            "fieldPath": ".burstWindowSeconds",
+        },
     ]
 
 
@@ -84,6 +90,17 @@ class AutoscalingSpec(SpecModel):
     )
     interval_seconds: int = Field(
         default=60, ge=5, le=3600, description="Seconds between decisions (the history step)."
+    )
+    burst_window_seconds: int = Field(
+        default=30,
+        ge=2,
+        le=3600,
+        description=(
+            "Forecast mode sizes pools for the highest request rate over windows this long "
+            "seen in the last half hour, when above the forecast: bursts shorter than a pod's "
+            "start-up are met by capacity already there. Must span two Prometheus scrapes "
+            "and not exceed intervalSeconds."
+        ),
     )
     startup_seconds: int = Field(
         default=120,

@@ -218,7 +218,13 @@ class PlannerRunner:
         roles = planner_roles(spec)
         now = self._clock()
         observed, history = await asyncio.to_thread(
-            _read, reader, auto.mode, settings.interval_s, float(auto.history_seconds)
+            _read,
+            reader,
+            auto.mode,
+            settings.interval_s,
+            float(auto.history_seconds),
+            # The CRD keeps the burst window within the interval; an older object may not.
+            min(float(auto.burst_window_seconds), settings.interval_s),
         )
         load = observed_load(observed, tracker.last_load)
         tracker.last_load = load
@@ -230,7 +236,7 @@ class PlannerRunner:
         else:
             planner = self._planner_for(tracker, settings)
             assert history is not None
-            rate, isl, osl = history
+            rate, isl, osl, peak = history
             obs = Observation(
                 now_s=now,
                 rate=rate,
@@ -239,6 +245,8 @@ class PlannerRunner:
                 ttft_s=observed.ttft_p90_s,
                 tpot_s=observed.tpot_p90_s,
                 pools=states,
+                peak_rate=peak,
+                latency_quantile=0.9,
             )
             result = await asyncio.to_thread(planner.plan, obs)
             report = report_from_plan(result, load, "forecast", stamp, roles)
@@ -319,17 +327,22 @@ def _prometheus_reader(url: str, selector: str, role_label: str) -> PrometheusRe
     return PrometheusReader(url, selector, role_label=role_label)
 
 
+History = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Rate, mean input length, mean output length and peak burst rate per interval."""
+
+
 def _read(
-    reader: PrometheusReader, mode: str, interval_s: float, history_s: float
-) -> tuple[ObservedLoad, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+    reader: PrometheusReader, mode: str, interval_s: float, history_s: float, burst_s: float
+) -> tuple[ObservedLoad, History | None]:
     observed = reader.observe(interval_s)
     if mode != "forecast":
         return observed, None
-    history = tuple(
+    rate, isl, osl = (
         reader.history(quantity, duration_s=history_s, step_s=interval_s)
         for quantity in ("rate", "isl", "osl")
     )
-    return observed, (history[0], history[1], history[2])
+    peak = reader.peak_history(duration_s=history_s, step_s=interval_s, burst_s=burst_s)
+    return observed, (rate, isl, osl, peak)
 
 
 def _export(namespace: str, name: str, report: PlannerReport) -> None:

@@ -124,6 +124,9 @@ BURST_MEMORY_S = 1800.0
 high quantile of the peaks over this window."""
 BURST_QUANTILE = 1.0
 LENGTH_MEMORY_S = 1800.0
+NEAR_SLO = 0.25
+"""A latency at or above this share of its target counts as near the SLO (see
+`Planner._corrected_need`)."""
 UPPER_CAP = 1.5
 """The provisioned upper bound never exceeds this times the larger of the mean forecast and
 the highest value of the last season (or day of history)."""
@@ -221,11 +224,38 @@ class Planner:
         osl_mean = self._length(np.asarray(obs.osl, np.float64), np.asarray(obs.rate, np.float64))
         forecast = Load(rate_mean, isl_mean, osl_mean)
         provisioned = Load(rate_upper, isl_mean, osl_mean, self._recent_peak(obs))
-        need = required_replicas(provisioned, s.profiles, s.slo, s.topology)
-        need = {role: n * self.corrections.get(role, 1.0) for role, n in need.items()}
+        need = self._corrected_need(provisioned, obs)
         states = {role: obs.pools.get(role, PoolState(0)) for role in need}
         decisions = decide(need, states, s.limits, s.policy, obs.now_s)
         return PlanResult(decisions, forecast, provisioned, model, dict(self.corrections))
+
+    def _corrected_need(self, load: Load, obs: Observation) -> dict[str, float]:
+        """Replicas once the model's latency is scaled by the observed corrections.
+
+        Far from the SLO (the latency just seen under `NEAR_SLO` of the target) the pools are
+        sized for the target over the correction (Dynamo corrects its ITL target the same
+        way): a model that underestimates a latency well inside the SLO costs nothing. Near
+        the SLO, or where the corrected target cannot be met at any size, the need itself is
+        scaled by the correction: the latency seen says the pools are short by that much
+        (bursts shorter than the interval show up only this way)."""
+        s = self.settings
+        decode_role = "decode" if "decode" in s.profiles else "attention"
+        prefill_corr = self.corrections.get("prefill", 1.0)
+        decode_corr = self.corrections.get(decode_role, 1.0)
+        tight = Slo(s.slo.ttft_s / prefill_corr, s.slo.tpot_s / decode_corr, s.slo.attainment)
+        plain = required_replicas(load, s.profiles, s.slo, s.topology)
+        corrected = required_replicas(load, s.profiles, tight, s.topology)
+        near = {
+            "prefill": (obs.ttft_s or 0.0) >= NEAR_SLO * s.slo.ttft_s,
+            decode_role: (obs.tpot_s or 0.0) >= NEAR_SLO * s.slo.tpot_s,
+        }
+        near["ffn"] = near.get("attention", False)
+        return {
+            role: n
+            if math.isfinite(n) and not near.get(role, False)
+            else plain[role] * self.corrections.get(role, 1.0)
+            for role, n in corrected.items()
+        }
 
     def _length(self, lengths: FloatArray, rate: FloatArray) -> float:
         """Mean length to provision for: the larger of the last interval's and the

@@ -208,6 +208,13 @@ class Queries:
             f"{aggregation} by ({self.role_label}) ({self.series(name)})" for name in gauges
         )
 
+    def peak_rate(self, step: str, burst: str, resolution: str) -> str:
+        """The highest request rate over `burst`-long windows within each `step`: the bursts
+        a pool sized on the step's mean would queue behind (a subquery, so it works on any
+        Prometheus without recording rules)."""
+        inner = self.counter_rate(self.names.requests, burst)
+        return f"max_over_time(({inner})[{step}:{resolution}])"
+
     def history(self, quantity: Quantity, window: str) -> str:
         if quantity == "rate":
             return self.counter_rate(self.names.requests, window)
@@ -287,11 +294,34 @@ class PrometheusReader:
         (default now), oldest first, each point the average over the step before it. Missing
         points (no data, no requests) are NaN; a deployment without history is all NaN. Each
         point is a rate over `step_s`, so the step must span at least two scrapes."""
+        self._check_span(duration_s, step_s)
+        return self._series(
+            self.queries.history(quantity, duration(step_s)), duration_s, step_s, end
+        )
+
+    def peak_history(
+        self, *, duration_s: float, step_s: float, burst_s: float, end: float | None = None
+    ) -> npt.NDArray[np.float64]:
+        """Per step, the highest request rate over any `burst_s` window in it (NaN where
+        unknown), on the same points as :meth:`history`. `burst_s` must span two scrapes."""
+        self._check_span(duration_s, step_s)
+        if not 0 < burst_s <= step_s:
+            raise ValueError(f"burst window must be in (0, step], got {burst_s} for step {step_s}")
+        query = self.queries.peak_rate(
+            duration(step_s), duration(burst_s), duration(max(burst_s / 2, 1.0))
+        )
+        return self._series(query, duration_s, step_s, end)
+
+    @staticmethod
+    def _check_span(duration_s: float, step_s: float) -> None:
         if step_s <= 0 or duration_s < step_s:
             raise ValueError(
                 f"history needs 0 < step_s <= duration_s, got step {step_s}, duration {duration_s}"
             )
-        query = self.queries.history(quantity, duration(step_s))
+
+    def _series(
+        self, query: str, duration_s: float, step_s: float, end: float | None
+    ) -> npt.NDArray[np.float64]:
         count = int(duration_s // step_s)
         last = time.time() if end is None else end
         first = last - (count - 1) * step_s

@@ -25,7 +25,7 @@ import numpy as np
 
 from kleave.planner.capacity import CapacityProfile
 from kleave.planner.loop import Observation, Planner, PlannerSettings
-from kleave.planner.solver import PoolLimits, PoolState, ScalingPolicy
+from kleave.planner.solver import PoolLimits, PoolState, ScalingPolicy, Slo
 from kleave.sim.arima import ArimaPredictor
 from kleave.sim.cluster import ClusterView, Policy, TickStats
 from kleave.sim.scenario import Scenario
@@ -64,7 +64,8 @@ class _Dynamic:
 
 
 class Reactive(_Dynamic):
-    """Dynamo's load-based planner with its published thresholds."""
+    """Dynamo's load-based planner with its published thresholds, plus a decode queue
+    threshold (the prefill one's values) so a batch-limited decode pool also scales."""
 
     name = "reactive"
     interval_s = 10.0
@@ -98,11 +99,16 @@ class Reactive(_Dynamic):
         elif per_replica < self.queue_down:
             targets["prefill"] = p.replicas - 1
         kv = d.kv_usage or 0.0
-        if kv > self.kv_up:
+        # Requests waiting for a decode slot are the saturation signal KV usage misses when
+        # the batch limit fills first (short contexts): a queue threshold as for prefill.
+        decode_queue = d.waiting / max(d.ready, 1)
+        if kv > self.kv_up or decode_queue > self.queue_up:
             targets["decode"] = d.replicas + 1
             self.decode_added_s = view.now_s
-        elif kv < self.kv_down and (
-            view.now_s - self.decode_added_s > self.decode_grace_intervals * self.interval_s
+        elif (
+            kv < self.kv_down
+            and decode_queue < self.queue_down
+            and (view.now_s - self.decode_added_s > self.decode_grace_intervals * self.interval_s)
         ):
             targets["decode"] = d.replicas - 1
         return {role: self.clamp(role, n) for role, n in targets.items()}
@@ -160,8 +166,17 @@ class DynamoSla(_Dynamic):
     name = "dynamo-sla"
     interval_s = 180.0
 
-    def __init__(self, scenario: Scenario, predictor: Callable[[], object] | None = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        predictor: Callable[[], object] | None = None,
+        *,
+        headroom: float = 1.0,
+    ) -> None:
         super().__init__(scenario)
+        self.headroom = headroom
+        """Load multiplier before rounding (1.0 is Dynamo's formula): the knob for comparing
+        at equal GPU-hours."""
         make = predictor or _Constant
         self.predictors = {k: make() for k in ("num_req", "isl", "osl")}
         self.window = _Interval()
@@ -193,6 +208,7 @@ class DynamoSla(_Dynamic):
         n_osl = float(self.predictors["osl"].predict())  # type: ignore[attr-defined]
         n_isl, n_osl = max(n_isl, 1.0), max(n_osl, 1.0)
         thpt_p = n_isl / self.prefill.prefill.service_s(n_isl) / self.prefill.gpus
+        num_req *= self.headroom
         load_p = num_req * n_isl / self.interval_s * min(1.0, p_corr)
         num_p = math.ceil(load_p / thpt_p / self.prefill.gpus)
         itl_target = self.scenario.slo.tpot_s / d_corr if d_corr > 0 else self.scenario.slo.tpot_s
@@ -218,15 +234,27 @@ class Kleave(_Dynamic):
 
     name = "kleave"
 
-    def __init__(self, scenario: Scenario, *, level: float = 0.8, reselect_every: int = 36) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        level: float = 0.8,
+        reselect_every: int = 36,
+        sizing_attainment: float | None = None,
+    ) -> None:
+        """`sizing_attainment`: the share of requests the pools are sized to serve within the
+        SLO (default: the SLO's own), the knob for comparing at equal GPU-hours."""
         super().__init__(scenario)
         self.interval_s = scenario.interval_s
+        slo = scenario.slo
+        if sizing_attainment is not None:
+            slo = Slo(slo.ttft_s, slo.tpot_s, sizing_attainment)
         self.planner = Planner(
             PlannerSettings(
                 topology=scenario.topology,
                 profiles=scenario.profiles,
                 limits=self.limits,
-                slo=scenario.slo,
+                slo=slo,
                 interval_s=scenario.interval_s,
                 lead_time_s=scenario.startup_s,
                 level=level,

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 
 from kleave.planner.capacity import CapacityProfile, ProfileTable
 from kleave.planner.solver import PoolLimits, Slo
 from kleave.sim import engine, fluid
+from kleave.sim.cluster import Policy
 from kleave.sim.metrics import SimResult
 from kleave.sim.policies import make_policy
 from kleave.sim.requests import (
@@ -100,7 +103,12 @@ def _slice_rates(rates: RateSeries, begin: float, duration: float | None) -> Rat
     )
 
 
-def run(options: Options) -> Run:
+PolicyMaker = Callable[[Scenario], Policy]
+
+
+def run(options: Options, variants: Mapping[str, PolicyMaker] | None = None) -> Run:
+    """Score `options.policies`, or `variants` (label -> policy maker; results are labelled so)
+    instead, on one scenario: every policy sees the same requests."""
     if options.topology != "PD":
         raise ValueError(f"the simulator models the PD topology only, got {options.topology!r}")
     trace = read_trace(options.trace)
@@ -158,8 +166,9 @@ def run(options: Options) -> Run:
         fluid_rates = scaled(trace, scale)
     results: list[SimResult] = []
     wall: dict[str, float] = {}
-    for name in options.policies:
-        policy = make_policy(name, scenario)
+    makers = variants or {name: partial(make_policy, name) for name in options.policies}
+    for label, make in makers.items():
+        policy = make(scenario)
         start = time.perf_counter()
         if requests is not None:
             result = engine.simulate(
@@ -169,7 +178,7 @@ def run(options: Options) -> Run:
             result = fluid.simulate(
                 fluid_rates, shape, profiles, options.slo, policy, startup_s=options.startup_s
             )
-        wall[name] = time.perf_counter() - start
-        results.append(result)
+        wall[label] = time.perf_counter() - start
+        results.append(replace(result, policy=label))
     n = float(len(requests)) if requests is not None else expected
     return Run(options, scale, interval, kind, n, results, wall)
