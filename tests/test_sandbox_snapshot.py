@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,15 @@ from kleave.sandbox.snapshot import (
 )
 from kleave.sandbox.snapshot_archive import verify_archive
 
+_OPEN_LOGS: list[AuditLog] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_logs() -> Iterator[None]:
+    yield
+    while _OPEN_LOGS:
+        _OPEN_LOGS.pop().close()
+
 
 class Sandbox:
     """A workspace, a skills tree, an audit log and a snapshot directory under tmp_path."""
@@ -30,6 +40,7 @@ class Sandbox:
         self.workspace.mkdir(parents=True)
         self.skills.mkdir(parents=True)
         self.audit = AuditLog(root / "state" / "audit.jsonl", fsync=False)
+        _OPEN_LOGS.append(self.audit)
 
     @property
     def trees(self) -> dict[str, Path]:

@@ -339,3 +339,19 @@ def _register_planner_tools() -> None:
 
 
 _register_planner_tools()
+
+
+# ----- sandbox --------------------------------------------------------------------------------
+@main.group("sandbox")
+def sandbox() -> None:
+    """Agent sandboxes: the in-sandbox runtime."""
+
+
+def _register_sandbox_tools() -> None:
+    """`sandbox runtime` lives next to the runtime it serves."""
+    from kleave.sandbox.runtime_cli import sandbox_runtime_command
+
+    sandbox.add_command(sandbox_runtime_command)
+
+
+_register_sandbox_tools()

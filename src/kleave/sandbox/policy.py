@@ -63,10 +63,12 @@ REQUEST_ERROR_CODES = frozenset({"bad-request", "bad-path"})
 class PolicyRefusal(Exception):  # noqa: N818 - a refusal is an outcome, not a fault
     """A call the policy does not allow (or cannot judge), with a stable reason code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, extra: Mapping[str, object] | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.extra = dict(extra or {})
+        """More response fields for the client (a skill's full vetting report)."""
 
     def to_dict(self) -> dict[str, str]:
         """The refusal as it appears in API errors and audit entries."""
