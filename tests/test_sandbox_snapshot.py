@@ -230,3 +230,30 @@ def test_a_forged_archive_with_an_escaping_member_is_refused(tmp_path: Path) -> 
     with pytest.raises(SnapshotCorrupt, match=r"'\.\.' path segment"):
         restore_snapshot(box.snapshots, box.trees, audit=box.audit)
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_a_snapshot_carrying_a_tampered_audit_log_is_refused(tmp_path: Path) -> None:
+    """Checksums can be recomputed by a forger; the audit chain inside cannot be faked."""
+    import json
+
+    from kleave.sandbox.snapshot_archive import ArchiveWriter
+
+    box = Sandbox(tmp_path / "a")
+    _populate(box)
+    box.audit.append("exec", "refused", {"argv": ["cat", "~/.ssh/id_rsa"]})
+    tampered = tmp_path / "tampered.jsonl"
+    tampered.write_text(box.audit.path.read_text().replace('"refused"', '"ok"'))
+    box.snapshots.mkdir(parents=True)
+    with (box.snapshots / "snap-00000001.tar").open("wb") as sink:
+        writer = ArchiveWriter(sink)
+        writer.add_tree("workspace", box.workspace)
+        writer.add_file_prefix("audit.jsonl", tampered, tampered.stat().st_size)
+        session = {"auditHead": json.loads(json.dumps(box.audit.head.to_dict()))}
+        writer.finish({"trees": ["workspace"], "session": session, "generation": 1})
+
+    fresh = Sandbox(tmp_path / "b", snapshots=box.snapshots)
+    (fresh.workspace / "mine.txt").write_text("kept\n")
+    with pytest.raises(SnapshotCorrupt, match="does not verify"):
+        restore_snapshot(fresh.snapshots, {"workspace": fresh.workspace}, audit=fresh.audit)
+    assert sorted(p.name for p in fresh.workspace.iterdir()) == ["mine.txt"]
+    assert fresh.audit.head.seq == 0

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kleave.sandbox.audit import AuditHead, AuditLog, verify
+from kleave.sandbox.audit import AuditHead, AuditLog, AuditLogCorrupt, verify
 from kleave.sandbox.snapshot_archive import (
     AUDIT,
     CHUNK,
@@ -225,11 +225,12 @@ def restore_snapshot(
     try:
         for tree in archive.manifest["trees"]:
             staged[tree] = _extract_tree(archive, tree, targets[tree])
+        # The last step that can refuse; after it the targets are replaced.
+        audit_outcome, replaced = _restore_audit(archive, audit)
     except BaseException:
         for staging in staged.values():
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    audit_outcome, replaced = _restore_audit(archive, audit)
     for tree, staging in staged.items():
         _swap_in(staging, targets[tree])
     files = [e for e in archive.entries if e.type == "file" and e.path != AUDIT]
@@ -310,7 +311,11 @@ def _restore_audit(archive: VerifiedArchive, audit: AuditLog) -> tuple[str, str 
         incoming = audit.path.with_name(audit.path.name + ".restoring")
         incoming.unlink(missing_ok=True)
         _extract_file(tar, member, incoming, entry.sha256, 0o600)
-    replaced = audit.adopt(incoming)
+    try:
+        replaced = audit.adopt(incoming)
+    except AuditLogCorrupt as error:
+        incoming.unlink(missing_ok=True)
+        raise SnapshotCorrupt(f"snapshot {archive.path}: {error}") from None
     return ("replaced", str(replaced)) if replaced is not None else ("restored", None)
 
 
