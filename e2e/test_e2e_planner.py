@@ -39,6 +39,8 @@ spec:
     startupSeconds: 10
     historySeconds: 600
     cooldownSeconds: 10
+    burstWindowSeconds: 2
+    burstMemorySeconds: 20
     prometheus: {{url: PROMETHEUS_URL}}
   pools:
     prefill: {{replicas: 1, gpuType: H100-SXM, scaling: Planner, minReplicas: 1, maxReplicas: 8}}

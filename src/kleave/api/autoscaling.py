@@ -66,12 +66,6 @@ def _autoscaling_rules() -> list[Any]:
             "message": "spec.autoscaling.prometheus is required when mode is reactive or forecast",
             "fieldPath": ".prometheus",
         },
-        {
-            "rule": "!has(self.burstWindowSeconds) || !has(self.intervalSeconds) || "
-            "self.burstWindowSeconds <= self.intervalSeconds",
-            "message": "spec.autoscaling.burstWindowSeconds must not exceed intervalSeconds",
-            "fieldPath": ".burstWindowSeconds",
-        },
     ]
 
 
@@ -98,8 +92,18 @@ class AutoscalingSpec(SpecModel):
         description=(
             "Forecast mode sizes pools for the highest request rate over windows this long "
             "seen in the last half hour, when above the forecast: bursts shorter than a pod's "
-            "start-up are met by capacity already there. Must span two Prometheus scrapes "
-            "and not exceed intervalSeconds."
+            "start-up are met by capacity already there. Must span two Prometheus scrapes; "
+            "a window longer than intervalSeconds is cut to it."
+        ),
+    )
+    burst_memory_seconds: int = Field(
+        default=1800,
+        ge=0,
+        le=86400,
+        description=(
+            "How long a burst is remembered: pools carry the highest burst rate seen this "
+            "long ago or later (0: size for the forecast alone). Longer holds capacity for "
+            "bursts that recur; shorter frees it sooner after a one-off."
         ),
     )
     startup_seconds: int = Field(

@@ -223,7 +223,7 @@ class PlannerRunner:
             auto.mode,
             settings.interval_s,
             float(auto.history_seconds),
-            # The CRD keeps the burst window within the interval; an older object may not.
+            # A burst window longer than the interval is cut to it (documented on the field).
             min(float(auto.burst_window_seconds), settings.interval_s),
         )
         load = observed_load(observed, tracker.last_load)

@@ -65,6 +65,7 @@ def settings_from_spec(spec: InferenceDeploymentSpec, table: ProfileTable) -> Pl
         interval_s=float(auto.interval_seconds),
         lead_time_s=float(auto.startup_seconds),
         level=auto.forecast_level,
+        burst_memory_s=float(auto.burst_memory_seconds),
         policy=ScalingPolicy(
             scale_down_margin=auto.scale_down_margin_percent / 100.0,
             cooldown_down_s=float(auto.cooldown_seconds),

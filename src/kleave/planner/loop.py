@@ -65,6 +65,9 @@ class PlannerSettings:
     """The forecasters read at most this much history (the API's history window)."""
     reselect_every: int = 36
     """Forecast model choice (a rolling backtest, seconds of CPU) every this many intervals."""
+    burst_memory_s: float = 1800.0
+    """Bursts seen within this long are expected again: the highest short-window rate over it
+    is provisioned for (0: bursts are not provisioned for)."""
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,6 @@ def _last_finite(values: FloatArray) -> float | None:
 
 MIN_HISTORY = 3
 """Fewer finite points than this and the planner provisions for the last value seen."""
-BURST_MEMORY_S = 1800.0
-"""Bursts seen within this long are expected again: the short-window peak provisioned is a
-high quantile of the peaks over this window."""
-BURST_QUANTILE = 1.0
 LENGTH_MEMORY_S = 1800.0
 NEAR_SLO = 0.25
 """A latency at or above this share of its target counts as near the SLO (see
@@ -278,12 +277,13 @@ class Planner:
 
     def _recent_peak(self, obs: Observation) -> float | None:
         """The highest short-window rate of the recent intervals (None when unknown)."""
-        if obs.peak_rate is None:
+        memory = self.settings.burst_memory_s
+        if obs.peak_rate is None or memory <= 0:
             return None
-        n = max(1, round(BURST_MEMORY_S / self.settings.interval_s))
+        n = max(1, round(memory / self.settings.interval_s))
         peak = np.asarray(obs.peak_rate, np.float64)[-n:]
         peak = peak[np.isfinite(peak)]
-        return float(np.quantile(peak, BURST_QUANTILE)) if len(peak) else None
+        return float(np.max(peak)) if len(peak) else None
 
     def react(self, now_s: float, pools: Mapping[str, PoolState]) -> dict[str, PoolDecision]:
         """The emergency check alone: hold every pool unless its queue or KV usage crossed the
