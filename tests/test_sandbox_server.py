@@ -406,6 +406,19 @@ def test_files_round_trip_list_and_delete(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_a_write_that_cannot_happen_is_an_audited_error(tmp_path: Path) -> None:
+    async def scenario(client: Client) -> None:
+        (client.runtime.workspace / "plain").write_text("a file, not a directory\n")
+        async with client.http.put("/v1/files", params={"path": "plain/x"}, data=b"x") as r:
+            assert r.status == 409
+            assert (await r.json())["error"]["code"] == "unwritable"
+        entry = (await client.audit())[-1]
+        assert (entry["action"], entry["outcome"]) == ("file.write", "error")
+        assert entry["detail"]["reason"]["code"] == "unwritable"
+
+    run(tmp_path, scenario)
+
+
 def test_a_symlink_escape_through_the_files_api_is_refused(tmp_path: Path) -> None:
     async def scenario(client: Client) -> None:
         outside = tmp_path / "outside"

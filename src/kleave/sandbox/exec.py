@@ -100,13 +100,21 @@ class ExecProcess:
 
     def kill(self, *, reason: str = "killed") -> bool:
         """SIGKILL the whole process group; whether anything was still running."""
+        if not self._kill_group():
+            return False
         if reason == "timeout":
             self.result.timed_out = True
         elif reason == "output":
             self.result.output_limit_exceeded = True
         else:
             self.result.killed = True
-        return self._kill_group()
+        return True
+
+    def close(self) -> None:
+        """Make sure nothing of the command runs on (the caller is done with it)."""
+        if self._process is not None and self._process.returncode is None:
+            self.kill()
+        self._kill_group()
 
     def _kill_group(self) -> bool:
         if self._process is None:
@@ -150,8 +158,7 @@ class ExecProcess:
             await waiter
             yield self.result.to_event()
         finally:
-            if process.returncode is None:
-                self.kill()
+            self.close()
             for task in (*pumps, waiter):
                 task.cancel()
             await asyncio.gather(*pumps, waiter, return_exceptions=True)

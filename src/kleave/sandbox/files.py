@@ -80,12 +80,17 @@ class Upload:
     def __init__(self, path: Path, workspace: Path, max_bytes: int) -> None:
         if path == workspace or (path.is_dir() and not path.is_symlink()):
             raise ToolError("is-a-directory", f"{path} is a directory", 409)
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_bytes = max_bytes
         self.size = 0
         self._hash = hashlib.sha256()
-        descriptor, temporary = tempfile.mkstemp(prefix=".kleave-upload-", dir=path.parent)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(prefix=".kleave-upload-", dir=path.parent)
+        except OSError as error:
+            raise ToolError(
+                "unwritable", f"cannot create {path}: {error.strerror or error}", 409
+            ) from None
         self._temporary = Path(temporary)
         self._handle = os.fdopen(descriptor, "wb")
         try:

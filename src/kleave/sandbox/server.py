@@ -129,6 +129,11 @@ async def _audit_middleware(request: web.Request, handler: Handler) -> web.Strea
     except (asyncio.CancelledError, ConnectionResetError):
         runtime.audit.append(action, "cancelled", {**detail, "reason": "client disconnected"})
         raise
+    except Exception as error:  # a failure still gets its audit entry and a JSON answer
+        outcome = "error"
+        failure = {"code": "internal", "message": f"{type(error).__name__}: {error}"}
+        response = _error(500, failure)
+        detail["reason"] = failure
     runtime.audit.append(action, outcome, {**detail, "status": response.status})
     return response
 
@@ -198,11 +203,11 @@ async def _exec(request: web.Request) -> web.StreamResponse:
         raise ToolError(
             "exec-failed", f"cannot start {spec.argv[0]}: {error.strerror}", 500
         ) from None
-    runtime.processes[process.id] = process
-    detail.update(id=process.id, pid=process.pid, timeoutSeconds=spec.timeout)
-    runtime.audit.append("exec.start", "allowed", dict(detail))
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     try:
+        runtime.processes[process.id] = process
+        detail.update(id=process.id, pid=process.pid, timeoutSeconds=spec.timeout)
+        runtime.audit.append("exec.start", "allowed", dict(detail))
         await response.prepare(request)
         start = {"type": "start", "id": process.id, "pid": process.pid}
         await response.write(_line({**start, "timeoutSeconds": spec.timeout}))
@@ -210,6 +215,7 @@ async def _exec(request: web.Request) -> web.StreamResponse:
             async for event in events:
                 await response.write(_line(event))
     finally:
+        process.close()
         runtime.processes.pop(process.id, None)
         detail.update({k: v for k, v in process.result.to_event().items() if k != "type"})
     await response.write_eof()
