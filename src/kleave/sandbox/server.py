@@ -46,6 +46,8 @@ from kleave.sandbox.runtime import SandboxRuntime
 RUNTIME = web.AppKey("runtime", SandboxRuntime)
 DETAIL = web.RequestKey("audit_detail", dict[str, Any])
 """What the handler learned about the call (file, argv, sizes): the audit entry's detail."""
+STREAMING = web.RequestKey("streaming", bool)
+"""Set once a streamed response sent its headers: an error can then only end the stream."""
 LIST_LIMIT = 10_000
 CHUNK = 1 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -134,8 +136,16 @@ async def _audit_middleware(request: web.Request, handler: Handler) -> web.Strea
         failure = {"code": "internal", "message": f"{type(error).__name__}: {error}"}
         response = _error(500, failure)
         detail["reason"] = failure
+        if request.get(STREAMING):  # headers are out: record it and end the stream
+            runtime.audit.append(action, outcome, {**detail, "status": 500})
+            raise
     runtime.audit.append(action, outcome, {**detail, "status": response.status})
     return response
+
+
+async def _begin_stream(request: web.Request, response: web.StreamResponse) -> None:
+    await response.prepare(request)
+    request[STREAMING] = True
 
 
 def _authorize(request: web.Request, runtime: SandboxRuntime) -> None:
@@ -208,7 +218,7 @@ async def _exec(request: web.Request) -> web.StreamResponse:
         runtime.processes[process.id] = process
         detail.update(id=process.id, pid=process.pid, timeoutSeconds=spec.timeout)
         runtime.audit.append("exec.start", "allowed", dict(detail))
-        await response.prepare(request)
+        await _begin_stream(request, response)
         start = {"type": "start", "id": process.id, "pid": process.pid}
         await response.write(_line({**start, "timeoutSeconds": spec.timeout}))
         async with contextlib.aclosing(process.events()) as events:
@@ -246,7 +256,7 @@ async def _read_file(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)}
         )
-        await response.prepare(request)
+        await _begin_stream(request, response)
         while chunk := handle.read(CHUNK):
             await response.write(chunk)
     await response.write_eof()
@@ -366,7 +376,7 @@ async def _audit_log(request: web.Request) -> web.StreamResponse:
     head, length = runtime.audit.position()
     request[DETAIL].update(since=since, head=head.to_dict())
     response = web.StreamResponse(headers={"Content-Type": "application/jsonl"})
-    await response.prepare(request)
+    await _begin_stream(request, response)
     with runtime.audit.path.open("rb") as handle:
         remaining = length
         for line in handle:
