@@ -9,7 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kleave.api import inference_deployment, inference_pool, kopf_peering
+from kleave.api import (
+    agent_sandbox,
+    inference_deployment,
+    inference_pool,
+    kopf_peering,
+    sandbox_template,
+    sandbox_warm_pool,
+)
 from kleave.api.crd import to_yaml
 
 CrdDict = dict[str, Any]
@@ -17,6 +24,9 @@ CrdDict = dict[str, Any]
 _GENERATORS: tuple[Callable[[], CrdDict], ...] = (
     inference_deployment.crd,
     inference_pool.crd,
+    sandbox_template.crd,
+    sandbox_warm_pool.crd,
+    agent_sandbox.crd,
     kopf_peering.cluster_peering_crd,
     kopf_peering.namespaced_peering_crd,
 )
