@@ -14,6 +14,18 @@ LABEL_COMPONENT = "kleave.dev/component"
 LABEL_REVISION = "kleave.dev/revision"
 ANNOTATION_REVISION = "kleave.dev/revision"
 
+# Agent sandboxes (operator/sandbox_builder.py, operator/sandbox_controllers.py).
+LABEL_COMPONENT_APP = "app.kubernetes.io/component"
+LABEL_SANDBOX_TEMPLATE = "kleave.dev/sandbox-template"
+LABEL_TEMPLATE_HASH = "kleave.dev/template-hash"
+LABEL_WARM_POOL = "kleave.dev/warm-pool"  # unclaimed pool pods only; removed by the claim
+LABEL_SANDBOX = "kleave.dev/sandbox"  # the AgentSandbox a pod is bound to
+ANNOTATION_TOOL_POLICY = "kleave.dev/tool-policy"
+ANNOTATION_CLAIM_SOURCE = "kleave.dev/claim-source"  # Warm or Cold
+ANNOTATION_CLAIMED_AT = "kleave.dev/claimed-at"
+ANNOTATION_CLAIMED_FROM = "kleave.dev/claimed-from"  # the warm pool of a Warm claim
+COMPONENT_SANDBOX = "sandbox"
+
 COMPONENT_WORKER = "worker"
 COMPONENT_ROUTER = "router"
 COMPONENT_PLAN = "serving-plan"
