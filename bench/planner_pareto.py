@@ -82,21 +82,40 @@ def score(trace: str, scale: float | None) -> list[Point]:
     return points
 
 
+def _at(curve: Sequence[Point], gpu_hours: float) -> str:
+    at = _interpolate(curve, gpu_hours)
+    if at is not None:
+        return f"{at:.2%}"
+    top = max(curve, key=lambda p: p.gpu_hours)
+    if gpu_hours > top.gpu_hours:
+        return f"beyond its range (at most {top.attainment:.2%} at {top.gpu_hours:,.1f})"
+    return "below its range"
+
+
 def table(trace: str, points: list[Point]) -> str:
-    kleave = [p for p in points if p.family == "kleave"]
+    """Every point, then each baseline's attainment interpolated at kleave's default point's
+    GPU-hours, and kleave's at each baseline's default point's."""
     lines = [
         f"### {trace}",
         "",
-        "| policy | GPU-hours | SLO attain. | misses | kleave at these GPU-hours |",
-        "|---|---:|---:|---:|---:|",
+        "| policy | GPU-hours | SLO attain. | misses |",
+        "|---|---:|---:|---:|",
     ]
-    for p in points:
-        cell = ""
-        if p.family != "kleave":
-            at = _interpolate(kleave, p.gpu_hours)
-            cell = "outside kleave's range" if at is None else f"{at:.2%}"
+    lines += [
+        f"| {p.label} | {p.gpu_hours:,.1f} | {p.attainment:.2%} | {p.misses:,.0f} |" for p in points
+    ]
+    kleave = [p for p in points if p.family == "kleave"]
+    own = kleave[0]
+    lines += [
+        "",
+        f"| baseline | its attainment at kleave's {own.gpu_hours:,.1f} GPU-hours "
+        f"(kleave: {own.attainment:.2%}) | kleave's at the baseline's default GPU-hours |",
+        "|---|---|---|",
+    ]
+    for family in dict.fromkeys(p.family for p in points if p.family not in ("kleave", "static")):
+        curve = [p for p in points if p.family == family]
         lines.append(
-            f"| {p.label} | {p.gpu_hours:,.1f} | {p.attainment:.2%} | {p.misses:,.0f} | {cell} |"
+            f"| {family} | {_at(curve, own.gpu_hours)} | {_at(kleave, curve[0].gpu_hours)} |"
         )
     return "\n".join(lines)
 

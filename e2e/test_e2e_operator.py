@@ -12,12 +12,21 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from conftest import REPO, Cluster, tool, wait_for
 from kleave.api.registry import render_crds
 from kleave.devcluster.processes import free_ports
 
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+EXAMPLES = sorted(
+    path
+    for path in (REPO / "examples").glob("*.yaml")
+    if any(
+        (doc or {}).get("kind") == "InferenceDeployment"
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+    )
+)
+"""The InferenceDeployment examples (the sandbox kinds' examples have their own test)."""
 GPU_LABEL = "nvidia.com/gpu.product"
 
 SMALL = """
@@ -328,8 +337,6 @@ def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 def test_api_server_rejects_invalid_manifests_naming_the_field(
     cluster: Cluster, crds: None, case: str, patch: dict[str, Any], message: str
 ) -> None:
-    import yaml
-
     manifest = yaml.safe_load(SMALL.replace("NAME", "invalid"))
     manifest["spec"] = _merge(manifest["spec"], patch)
     result = cluster.kubectl("apply", "-f", "-", stdin=json.dumps(manifest), check=False)
