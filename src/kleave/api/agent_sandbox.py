@@ -20,6 +20,7 @@ from kleave.api.common import (
     KindInfo,
     SpecModel,
     StatusModel,
+    Timestamp,
     conditions_field,
 )
 from kleave.api.crd import crd_for
@@ -28,7 +29,6 @@ from kleave.api.sandbox_template import (
     LifetimeOverride,
     ObjectRef,
     PersistenceOverride,
-    Timestamp,
     check_reserved_env,
     env_field,
     immutable,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kleave.dev"
@@ -38,6 +38,29 @@ then fills them in when the object is omitted (pydantic leaves ``default_factory
 
 Int64 = Annotated[int, Field(json_schema_extra={"format": "int64"})]
 """An integer the CRD declares as int64 (generations, byte counts); plain ``int`` is int32."""
+
+
+def check_rfc3339(value: str) -> str:
+    """Refuse timestamps the API server's date-time format would refuse."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"not an RFC 3339 timestamp: {value!r}") from None
+    if "T" not in value.upper() or parsed.tzinfo is None:
+        raise ValueError(f"not an RFC 3339 timestamp with a time zone: {value!r}")
+    return value
+
+
+def _check_optional_rfc3339(value: str | None) -> str | None:
+    return None if value is None else check_rfc3339(value)
+
+
+Timestamp = Annotated[
+    str | None,
+    AfterValidator(_check_optional_rfc3339),
+    Field(json_schema_extra={"format": "date-time"}),
+]
+"""An optional RFC 3339 time, e.g. ``2025-01-02T03:04:05Z``."""
 
 
 class Condition(StatusModel):
@@ -84,13 +107,7 @@ class Condition(StatusModel):
     @classmethod
     def _rfc3339(cls, value: str) -> str:
         """Reject timestamps the API server would reject, before they are sent."""
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"not an RFC 3339 timestamp: {value!r}") from None
-        if "T" not in value.upper() or parsed.tzinfo is None:
-            raise ValueError(f"not an RFC 3339 timestamp with a time zone: {value!r}")
-        return value
+        return check_rfc3339(value)
 
 
 PrinterColumnType = Literal["integer", "number", "string", "boolean", "date"]

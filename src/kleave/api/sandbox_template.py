@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
@@ -71,27 +70,6 @@ Quantity = Annotated[
     Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}),
 ]
 """A Kubernetes resource quantity (``500m``, ``2``, ``1Gi``), an integer or a string."""
-
-
-def _check_rfc3339(value: str | None) -> str | None:
-    """Refuse timestamps the API server's date-time format would refuse."""
-    if value is None:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(f"not an RFC 3339 timestamp: {value!r}") from None
-    if "T" not in value.upper() or parsed.tzinfo is None:
-        raise ValueError(f"not an RFC 3339 timestamp with a time zone: {value!r}")
-    return value
-
-
-Timestamp = Annotated[
-    str | None,
-    AfterValidator(_check_rfc3339),
-    Field(json_schema_extra={"format": "date-time"}),
-]
-"""An optional RFC 3339 time, e.g. ``2025-01-02T03:04:05Z``."""
 
 
 def immutable(field: str, hint: str) -> dict[str, Any]:
