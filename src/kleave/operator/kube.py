@@ -63,6 +63,11 @@ INFERENCE_DEPLOYMENT = ResourceType(
     "kleave.dev/v1alpha1", "InferenceDeployment", "inferencedeployments"
 )
 INFERENCE_POOL = ResourceType("kleave.dev/v1alpha1", "InferencePool", "inferencepools")
+SANDBOX_TEMPLATE = ResourceType("kleave.dev/v1alpha1", "SandboxTemplate", "sandboxtemplates")
+SANDBOX_WARM_POOL = ResourceType("kleave.dev/v1alpha1", "SandboxWarmPool", "sandboxwarmpools")
+AGENT_SANDBOX = ResourceType("kleave.dev/v1alpha1", "AgentSandbox", "agentsandboxes")
+NETWORK_POLICY = ResourceType("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies")
+RUNTIME_CLASS = ResourceType("node.k8s.io/v1", "RuntimeClass", "runtimeclasses", namespaced=False)
 
 _BY_KIND = {
     (rt.api_version, rt.kind): rt
@@ -76,6 +81,11 @@ _BY_KIND = {
         EVENT,
         INFERENCE_DEPLOYMENT,
         INFERENCE_POOL,
+        SANDBOX_TEMPLATE,
+        SANDBOX_WARM_POOL,
+        AGENT_SANDBOX,
+        NETWORK_POLICY,
+        RUNTIME_CLASS,
     )
 }
 
@@ -249,15 +259,28 @@ class KubeApi:
                 return
 
     async def delete(
-        self, rt: ResourceType, namespace: str | None, name: str, *, uid: str | None = None
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        name: str,
+        *,
+        uid: str | None = None,
+        resource_version: str | None = None,
     ) -> bool:
         """Delete in the background (children go by garbage collection); False if absent.
 
-        ``uid`` makes it conditional, so a same-named replacement is never deleted by mistake.
+        ``uid`` makes it conditional, so a same-named replacement is never deleted by mistake;
+        ``resource_version`` too, so an object changed since it was read (a warm pod claimed
+        meanwhile) is not deleted either. A failed precondition answers False, as absence does.
         """
         body: dict[str, Any] = {"propagationPolicy": "Background"}
-        if uid:
-            body["preconditions"] = {"uid": uid}
+        preconditions = {
+            key: value
+            for key, value in (("uid", uid), ("resourceVersion", resource_version))
+            if value
+        }
+        if preconditions:
+            body["preconditions"] = preconditions
         try:
             await self.request("DELETE", rt.path(namespace, name), body=body)
         except ApiError as error:

@@ -37,6 +37,7 @@ from kleave.operator.logging_setup import (
     configure_logging,
 )
 from kleave.operator.peering import DEFAULT_PEERING_NAME, PeeringSetupError, ensure_peering
+from kleave.operator.sandbox_controllers import SandboxControllers
 
 logger = logging.getLogger("kleave.operator")
 
@@ -289,16 +290,22 @@ def build_registry(state: HealthState, stop_flag: asyncio.Event) -> kopf.Operato
     # only an active replica reconciles) and stop at its cleanup.
     controllers = Controllers(KubeApi.from_environment())
     controllers.register(registry)
+    # The sandbox controllers have their own caches, queue and connection pool, so a burst of
+    # sandbox claims never waits behind inference reconciles (or the other way round).
+    sandboxes = SandboxControllers(KubeApi.from_environment())
+    sandboxes.register(registry)
     tasks: list[asyncio.Task[None]] = []
 
     async def start_controllers(**_: Any) -> None:
         tasks.append(asyncio.create_task(controllers.run(), name="kleave-controllers"))
+        tasks.append(asyncio.create_task(sandboxes.run(), name="kleave-sandbox-controllers"))
 
     async def stop_controllers(**_: Any) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await controllers.api.close()
+        await sandboxes.api.close()
 
     kopf.on.startup(registry=registry, id="controllers")(start_controllers)
     kopf.on.cleanup(registry=registry, id="controllers-stop")(stop_controllers)
