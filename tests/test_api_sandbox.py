@@ -324,7 +324,7 @@ def test_warm_pool_cel_rules() -> None:
 def test_template_cel_rules() -> None:
     props = spec_schema("SandboxTemplate")["properties"]
     limits = rules(props["resources"])[
-        "has(self.limits) && 'cpu' in self.limits && 'memory' in self.limits"
+        "!has(self.limits) || ('cpu' in self.limits && 'memory' in self.limits)"
     ]
     assert limits["message"].startswith("resources.limits must set cpu and memory")
     egress = rules(props["egress"]["properties"]["allow"]["items"])

@@ -147,7 +147,11 @@ class SandboxResources(SpecModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "has(self.limits) && 'cpu' in self.limits && 'memory' in self.limits",
+                    # Unset limits are defaulted (cpu 1, memory 1Gi) before this runs on a
+                    # stored object; the API server also checks the `resources: {}` default
+                    # itself, nested defaults not applied, so an absent field must pass.
+                    "rule": "!has(self.limits) || "
+                    "('cpu' in self.limits && 'memory' in self.limits)",
                     "message": (
                         "resources.limits must set cpu and memory: every sandbox pod runs with "
                         "limits (omit limits for the defaults, cpu 1 and memory 1Gi)"
