@@ -339,7 +339,8 @@ def test_a_warm_claim_is_ready_with_its_claim_latency() -> None:
     assert status["podName"] == "pool-x"
     assert status["endpoint"] == "10.0.0.7:8080"
     assert status["templateHash"] == "h1"
-    assert status["claim"] == {"source": "Warm", "claimedAt": claimed_at, "latencyMs": 42}
+    # From the creation estimate to the reconcile that saw it bound (after the patch).
+    assert status["claim"] == {"source": "Warm", "claimedAt": claimed_at, "latencyMs": 400}
     assert status["expiresAt"] == "2026-01-02T04:04:05Z"
     assert conditions(status)["Ready"]["status"] == "True"
 

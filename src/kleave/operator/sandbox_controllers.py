@@ -721,7 +721,7 @@ class SandboxControllers:
             expired=expired,
             created=created,
             runtime_port=None if template_spec is None else template_spec.runtime_port,
-            now=now,
+            now=datetime.now(UTC),  # after the claim: its latency includes the patch
         )
         await self._write_status(AGENT_SANDBOX, sandbox, view.status)
         await self._post(sandbox, [*events, *view.events])
@@ -784,6 +784,8 @@ class SandboxControllers:
             if not why:
                 pod = await self._claim(sandbox, pool_name, template_spec)
                 if pod is not None:
+                    message = f"adopted warm pod {pod['metadata']['name']} from pool {pool_name}"
+                    events.append(Event("Normal", "Claimed", message))
                     return pod
                 why = f"warm pool {pool_name} had no ready sandbox"
         started = datetime.now(UTC)
@@ -843,9 +845,6 @@ class SandboxControllers:
                 self._busy.discard(token)
             self._claims[(namespace, pool_name)] += 1
             self.queue.add((POOL_KEY, namespace, pool_name))  # refill
-            await self.recorder.post(
-                sandbox, "Normal", "Claimed", f"adopted warm pod {pod_name} from pool {pool_name}"
-            )
             return self.pods.get(namespace, pod_name)
         if conflicts:
             # The pods tried had changed since the cache saw them (or another claimant won

@@ -390,9 +390,9 @@ def sandbox_status(
         if same_pod and previous.get("latencyMs") is not None:
             claim["latencyMs"] = previous["latencyMs"]
         else:
-            # A warm pod is ready when it is claimed; a cold one when this reconcile sees it.
-            ready_at = claimed_at if source == "Warm" and claimed_at else now
-            claim["latencyMs"] = max(0, round((ready_at - created).total_seconds() * 1000))
+            # Ready is when a reconcile first sees the pod bound and ready: for a warm claim
+            # right after the claim's patch returned, for a cold start on the pod's Ready.
+            claim["latencyMs"] = max(0, round((now - created).total_seconds() * 1000))
         status |= {
             "phase": "Ready",
             "endpoint": f"{ip}:{port}" if ip and port else None,
