@@ -36,6 +36,8 @@ NODES = 4
 RUNTIME_CLASS = "kleave-microvm"
 NAMESPACE = "sandboxes"
 RACE_NAMESPACE = "sandbox-race"
+TWO_NAMESPACE = "sandbox-two-operators"
+NAMESPACES = (NAMESPACE, RACE_NAMESPACE, TWO_NAMESPACE)
 
 
 def template_manifest(name: str, namespace: str) -> str:
@@ -124,20 +126,20 @@ def sandbox_cluster(cluster: Cluster) -> Iterator[Cluster]:
     nodes = [_node(i) for i in range(NODES)]
     for node in nodes:
         cluster.kubectl("create", "-f", "-", stdin=json.dumps(node))
-    for namespace in (NAMESPACE, RACE_NAMESPACE):
+    for namespace in NAMESPACES:
         cluster.kubectl("create", "namespace", namespace)
     names = [f"node/{node['metadata']['name']}" for node in nodes]
     cluster.kubectl("wait", "--for=condition=Ready", *names, "--timeout=60s")
-    for namespace in (NAMESPACE, RACE_NAMESPACE):  # pods are refused until it exists
+    for namespace in NAMESPACES:  # pods are refused until it exists
         wait_for(partial(_has_default_account, cluster, namespace), 30, "default ServiceAccount")
     try:
         yield cluster
     finally:
         # Wait until the namespaces (and their 1,100 pods) are gone, so the next module's
         # operator does not see objects of a namespace that is being terminated.
-        for namespace in (NAMESPACE, RACE_NAMESPACE):
+        for namespace in NAMESPACES:
             cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-        for namespace in (NAMESPACE, RACE_NAMESPACE):
+        for namespace in NAMESPACES:
             wait_for(partial(_gone, cluster, "namespace", namespace), 300, f"{namespace} deleted")
         for node in nodes:
             cluster.kubectl("delete", "node", node["metadata"]["name"], "--wait=false", check=False)
@@ -377,16 +379,7 @@ def test_a_thousand_concurrent_claims_against_a_pool_of_100(
 
     # None lost, none doubled: each sandbox names its own pod, and that pod names it back.
     assert sorted(s["metadata"]["name"] for s in sandboxes) == names
-    by_pod = Counter(s["status"]["podName"] for s in sandboxes)
-    assert len(by_pod) == 1000 and max(by_pod.values()) == 1, by_pod.most_common(3)
-    pods = {p["metadata"]["name"]: p for p in _live_pods(cluster, ns, "kleave.dev/sandbox")}
-    assert len(pods) == 1000
-    for sandbox in sandboxes:
-        pod = pods[sandbox["status"]["podName"]]
-        assert pod["metadata"]["labels"]["kleave.dev/sandbox"] == sandbox["metadata"]["name"]
-        assert "kleave.dev/warm-pool" not in pod["metadata"]["labels"]
-        [owner] = pod["metadata"]["ownerReferences"]
-        assert owner["uid"] == sandbox["metadata"]["uid"]
+    _check_one_pod_each(cluster, ns, sandboxes)
     sources = Counter(s["status"]["claim"]["source"] for s in sandboxes)
     assert sources["Warm"] + sources["Cold"] == 1000 and sources["Warm"] >= 100, sources
     # The pool refills afterwards, and counted each warm claim.
@@ -411,4 +404,67 @@ def test_a_thousand_concurrent_claims_against_a_pool_of_100(
         f"\npool of 100 filled in {fill_s:.1f}s; 1000 creates in {create_s:.1f}s; all Ready "
         f"{ready_s:.1f}s after the first create; {dict(sources)}\n"
         f"{_report('warm', warm)}\n{_report('cold (kwok)', cold)}"
+    )
+
+
+def _check_one_pod_each(cluster: Cluster, ns: str, sandboxes: list[dict[str, Any]]) -> None:
+    """Each sandbox names its own pod, that pod names it back, and no pod is shared."""
+    by_pod = Counter(s["status"]["podName"] for s in sandboxes)
+    assert len(by_pod) == len(sandboxes), by_pod.most_common(3)
+    pods = {p["metadata"]["name"]: p for p in _live_pods(cluster, ns, "kleave.dev/sandbox")}
+    assert len(pods) == len(sandboxes)
+    for sandbox in sandboxes:
+        pod = pods[sandbox["status"]["podName"]]
+        assert pod["metadata"]["labels"]["kleave.dev/sandbox"] == sandbox["metadata"]["name"]
+        assert "kleave.dev/warm-pool" not in pod["metadata"]["labels"]
+        [owner] = pod["metadata"]["ownerReferences"]
+        assert owner["uid"] == sandbox["metadata"]["uid"]
+
+
+def test_two_operators_racing_for_the_same_pods_never_share_one(
+    sandbox_cluster: Cluster, operator: Operator, tmp_path: Path
+) -> None:
+    """A second operator (as during a botched leader handover) claims from the same pool.
+
+    Within one operator, claims in flight are serialized in memory; across two, only the
+    resourceVersion compare-and-swap on the pod keeps a pod from being bound twice. A sandbox
+    that both bound (each to another pod) keeps one; the other pod is deleted.
+    """
+    cluster = sandbox_cluster
+    ns = TWO_NAMESPACE
+    cluster.apply(template_manifest("two", ns))
+    cluster.apply(pool_manifest("two", ns, "two", 50))
+    wait_for(lambda: _pool_ready(cluster, ns, "two", 50), 120, "50 warm sandboxes")
+    second = Operator(cluster, tmp_path)
+    second.start()
+    try:
+        api = _kube_client(cluster.kubeconfig)
+        names = [f"two-{n:03d}" for n in range(300)]
+
+        def create(name: str) -> None:
+            api.create_namespaced_custom_object(
+                "kleave.dev", "v1alpha1", ns, "agentsandboxes", sandbox_body(name, ns, "two")
+            )
+
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            list(pool.map(create, names))
+
+        def settled() -> list[dict[str, Any]] | None:
+            items = _items(cluster, "asbx", ns)
+            if Counter((s.get("status") or {}).get("phase") for s in items)["Ready"] != 300:
+                return None
+            bound = _live_pods(cluster, ns, "kleave.dev/sandbox")
+            return items if len(bound) == 300 else None  # duplicates cleaned up
+
+        sandboxes: list[dict[str, Any]] = wait_for(settled, 300, "300 sandboxes, one pod each")
+        _check_one_pod_each(cluster, ns, sandboxes)
+    finally:
+        second.stop()
+    logs = [operator.log.read_text(), *(p.read_text() for p in tmp_path.glob("operator-*.log"))]
+    conflicts = sum(log.count("changed while claimed") for log in logs)
+    duplicates = sum(log.count("DuplicatePod") for log in logs)
+    sources = Counter(s["status"]["claim"]["source"] for s in sandboxes)
+    print(
+        f"\ntwo operators: {dict(sources)}; claims retried after 409s: {conflicts}; "
+        f"sandboxes bound twice and cleaned up: {duplicates}"
     )
