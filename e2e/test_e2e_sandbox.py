@@ -54,7 +54,7 @@ spec:
     allow:
       - cidr: 10.20.0.0/16
         ports: [{{port: 443}}]
-      - host: packages.example.com
+      - host: pkg.example.com
         ports: [{{port: 443}}]
   tools: {{allowedCommands: [python3, ls]}}
   lifetime: {{maxLifetimeSeconds: 3600}}
@@ -219,7 +219,7 @@ def test_warm_pool_of_ten_claims_warm_then_cold_with_isolated_pods(
     conditions = _conditions(template)
     assert conditions["Accepted"]["status"] == "True"
     assert conditions["EgressEnforced"]["status"] == "False"
-    assert "packages.example.com" in conditions["EgressEnforced"]["message"]
+    assert "pkg.example.com" in conditions["EgressEnforced"]["message"]
     pool = cluster.get_json("sbxwp", "coder", "-n", NAMESPACE)
     assert pool["status"]["templateHash"] == template_hash
     assert pool["status"]["selector"] == (

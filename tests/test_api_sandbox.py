@@ -533,8 +533,8 @@ def test_warm_pool_bounds_accept_replicas_within_them() -> None:
         ({"workspace": {"mountPath": "/work/../etc"}}, "pattern"),
         ({"egress": {"allow": [{}]}}, "exactly one of cidr or host"),
         ({"egress": {"allow": [{"cidr": "10.0.0.0/8", "host": "a.b"}]}}, "exactly one"),
-        ({"egress": {"allow": [{"host": "packages.example.com"}]}}, "must list its ports"),
-        ({"egress": {"allow": [{"host": "*.packages.example.com", "ports": [{"port": 443}]}]}}, "pattern"),
+        ({"egress": {"allow": [{"host": "pkg.example.com"}]}}, "must list its ports"),
+        ({"egress": {"allow": [{"host": "*.example.com", "ports": [{"port": 443}]}]}}, "pattern"),
         ({"egress": {"allow": [{"cidr": "10.0.0.300/8"}]}}, "not a CIDR"),
         ({"egress": {"allow": [{"cidr": "10.0.0.1"}]}}, "prefix length"),
         (

@@ -247,7 +247,7 @@ def test_network_policy_allows_dns_cidrs_and_reports_hosts() -> None:
             "allow": [
                 {"cidr": "10.1.0.0/16", "ports": [{"port": 5432}]},
                 {"cidr": "192.168.0.0/24"},
-                {"host": "packages.example.com", "ports": [{"port": 443}]},
+                {"host": "pkg.example.com", "ports": [{"port": 443}]},
                 {"cidr": "2001:db8::/32", "ports": [{"port": 53, "protocol": "UDP"}]},
             ]
         },
@@ -281,7 +281,7 @@ def test_network_policy_allows_dns_cidrs_and_reports_hosts() -> None:
             "ports": [{"protocol": "UDP", "port": 53}],
         },
     ]
-    assert plan.unenforced_hosts == ["packages.example.com (443/TCP)"]
+    assert plan.unenforced_hosts == ["pkg.example.com (443/TCP)"]
     # The template's pods are what it selects.
     labels = pool_pod(template)["metadata"]["labels"]
     assert all(labels[k] == v for k, v in body["podSelector"]["matchLabels"].items())

@@ -241,7 +241,7 @@ def bound(kube: FakeKube) -> dict[str, str]:
 
 def test_template_gets_its_hash_conditions_and_network_policies() -> None:
     async def body(h: Harness) -> None:
-        egress = {"allow": [{"host": "packages.example.com", "ports": [{"port": 443}]}]}
+        egress = {"allow": [{"host": "pkg.example.com", "ports": [{"port": 443}]}]}
         h.add(SANDBOX_TEMPLATE, template(egress=egress))
         assert await h.ctl.reconcile_template(NS, "coder") is None
         status = h.get(SANDBOX_TEMPLATE, "coder")["status"]
@@ -249,7 +249,7 @@ def test_template_gets_its_hash_conditions_and_network_policies() -> None:
         conds = {c["type"]: c for c in status["conditions"]}
         assert conds["Accepted"]["status"] == "True"
         assert conds["EgressEnforced"]["status"] == "False"
-        assert "packages.example.com" in conds["EgressEnforced"]["message"]
+        assert "pkg.example.com" in conds["EgressEnforced"]["message"]
         assert ("NetworkPolicy", "coder-sandbox") in {
             (k, n) for _, k, n in h.kube.calls if _ == "apply"
         }

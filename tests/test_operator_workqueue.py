@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kleave.operator.controllers import contains, is_transient, status_patch
+from kleave.operator.cached_controller import contains, is_transient, status_patch
 from kleave.operator.events import build_event, event_name
 from kleave.operator.kube import ApiError
 from kleave.operator.store import Store, controller_uid

@@ -255,7 +255,7 @@ class EgressRule(SpecModel):
         max_length=253,
         pattern=DNS_SUBDOMAIN_PATTERN,
         description=(
-            "A DNS name such as packages.example.com (no wildcards), allowed on the listed ports at the "
+            "A DNS name such as pkg.example.com (no wildcards), allowed on the listed ports at the "
             "addresses it resolves to."
         ),
     )

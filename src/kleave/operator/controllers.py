@@ -15,13 +15,13 @@ from collections.abc import Hashable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
-import aiohttp
 import kopf
 from pydantic import ValidationError
 
 from kleave.api.inference_deployment import InferenceDeploymentSpec
 from kleave.api.inference_pool import ROLES, Role
 from kleave.operator import deployment_builder, engines, pool_builder, pool_status, rollout
+from kleave.operator.cached_controller import CachedController, contains, status_patch
 from kleave.operator.conditions import set_condition
 from kleave.operator.events import EventRecorder
 from kleave.operator.kube import (
@@ -33,16 +33,8 @@ from kleave.operator.kube import (
     POD,
     SERVICE,
     STATEFULSET,
-    ApiError,
     KubeApi,
     ResourceType,
-)
-from kleave.operator.metrics import (
-    RECONCILE_DURATION,
-    RECONCILE_TOTAL,
-    RESULT_ERROR,
-    RESULT_SUCCESS,
-    RESULT_TEMPORARY_ERROR,
 )
 from kleave.operator.naming import (
     LABEL_DEPLOYMENT,
@@ -57,13 +49,11 @@ from kleave.operator.naming import (
 from kleave.operator.planner_runner import PlannerRunner, merge_planner_status
 from kleave.operator.serving_plan import build_plan
 from kleave.operator.store import Store
-from kleave.operator.workqueue import WorkQueue, run_workers
 
 logger = logging.getLogger("kleave.operator.controllers")
 
 DEPLOYMENT_KEY = "InferenceDeployment"
 POOL_KEY = "InferencePool"
-RESYNC_S = 300.0
 MANAGED = {MANAGED_BY: MANAGER}
 WATCHED: tuple[tuple[ResourceType, bool], ...] = (
     # (resource, only objects labelled managed-by=kleave)
@@ -78,49 +68,18 @@ WATCHED: tuple[tuple[ResourceType, bool], ...] = (
 )
 
 
-def contains(current: Any, desired: Any) -> bool:
-    """Whether ``current`` already has every field of ``desired`` (an apply would be a no-op).
-
-    Skipping such applies keeps a resync of hundreds of objects from costing hundreds of
-    writes; server-side defaults in ``current`` do not matter.
-    """
-    if isinstance(desired, Mapping):
-        return isinstance(current, Mapping) and all(
-            contains(current.get(key), value) for key, value in desired.items()
-        )
-    if isinstance(desired, list):
-        return (
-            isinstance(current, list)
-            and len(current) == len(desired)
-            and all(contains(c, d) for c, d in zip(current, desired, strict=True))
-        )
-    if isinstance(desired, str) and isinstance(current, int | float):
-        return str(current) == desired
-    return bool(current == desired)
-
-
-def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in desired.items() if current.get(key) != value}
-
-
-def is_transient(error: BaseException) -> bool:
-    if isinstance(error, ApiError):
-        return error.transient
-    return isinstance(error, aiohttp.ClientError | OSError | asyncio.TimeoutError)
-
-
-class Controllers:
+class Controllers(CachedController):
     """Caches, the work queue, and the two reconcilers."""
 
+    log = logger
+
     def __init__(self, api: KubeApi, *, workers: int = 16) -> None:
-        self.api = api
+        super().__init__(api, workers=workers)
         self.recorder = EventRecorder(api)
-        self.workers = workers
         self.stores = {
             rt.kind: Store(rt.kind, index_label=LABEL_POOL if rt is POD else None)
             for rt, _ in WATCHED
         }
-        self.queue: Any = None  # created inside the running loop
         self._gpu_nodes = pool_status.gpu_products(())
         self._primed = asyncio.Event()
         self.planner = PlannerRunner(
@@ -199,27 +158,9 @@ class Controllers:
         self._gpu_nodes = pool_status.gpu_products(self.stores["Node"].all())
 
     async def run(self) -> None:
-        """Prime the caches, then reconcile until cancelled (with a periodic full resync)."""
-        self.queue = WorkQueue()
-        while True:
-            try:
-                await self.prime()
-                break
-            except (ApiError, aiohttp.ClientError, OSError) as error:
-                logger.warning("Listing objects failed, retrying in 5s: %s", error)
-                await asyncio.sleep(5)
-        self._enqueue_all()
-        resync = asyncio.create_task(self._resync())
         try:
-            await run_workers(
-                self.queue,
-                self.reconcile,
-                workers=self.workers,
-                is_transient=is_transient,
-                on_result=_record,
-            )
+            await super().run()
         finally:
-            resync.cancel()
             self.planner.stop()
 
     def _enqueue_all(self) -> None:
@@ -230,42 +171,11 @@ class Controllers:
             for obj in self.stores[kind].all():
                 self.queue.add((key_kind, obj["metadata"]["namespace"], obj["metadata"]["name"]))
 
-    async def _resync(self) -> None:
-        while True:
-            await asyncio.sleep(RESYNC_S)
-            self._enqueue_all()
-
     async def reconcile(self, key: Hashable) -> float | None:
         kind, namespace, name = cast("tuple[str, str, str]", key)
         if kind == DEPLOYMENT_KEY:
             return await self.reconcile_deployment(namespace, name)
         return await self.reconcile_pool(namespace, name)
-
-    # -- helpers ----------------------------------------------------------------------------
-
-    async def _apply(self, desired: dict[str, Any], current: Mapping[str, Any] | None) -> None:
-        if current is not None and contains(current, desired):
-            return
-        applied = await self.api.apply(desired)
-        unchanged = current is not None and (
-            applied["metadata"].get("resourceVersion") == current["metadata"].get("resourceVersion")
-        )
-        if not unchanged:  # a no-op apply must not requeue its owner (a hot loop)
-            self.observe("MODIFIED", applied)
-
-    async def _write_status(
-        self, rt: ResourceType, obj: Mapping[str, Any], desired: Mapping[str, Any]
-    ) -> None:
-        patch = status_patch(obj.get("status") or {}, desired)
-        if patch:
-            meta = obj["metadata"]
-            try:
-                updated = await self.api.patch_status(rt, meta["namespace"], meta["name"], patch)
-            except ApiError as error:
-                if error.not_found:
-                    return  # deleted meanwhile; its DELETED event clears the cache
-                raise
-            self.observe("MODIFIED", updated)
 
     # -- InferenceDeployment ----------------------------------------------------------------
 
@@ -430,12 +340,3 @@ class Controllers:
             await self.recorder.post(pool, event.type, event.reason, event.message)
         ready = decision.status["readyReplicas"] >= decision.replicas
         return None if ready else pool_status.NOT_READY_GRACE_S
-
-
-_RESULTS = {"ok": RESULT_SUCCESS, "retry": RESULT_TEMPORARY_ERROR, "error": RESULT_ERROR}
-
-
-def _record(key: Hashable, result: str, seconds: float) -> None:
-    kind = key[0] if isinstance(key, tuple) else str(key)
-    RECONCILE_TOTAL.labels(kind=kind, result=_RESULTS.get(result, result)).inc()
-    RECONCILE_DURATION.labels(kind=kind).observe(seconds)

@@ -26,7 +26,6 @@ from collections.abc import Hashable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
-import aiohttp
 import kopf
 from pydantic import ValidationError
 
@@ -34,9 +33,9 @@ from kleave.api.agent_sandbox import AgentSandboxSpec
 from kleave.api.sandbox_template import Lifetime, SandboxTemplateSpec
 from kleave.api.sandbox_warm_pool import SandboxWarmPoolSpec
 from kleave.operator import sandbox_builder, sandbox_decisions
+from kleave.operator.cached_controller import CachedController
+from kleave.operator.cached_controller import is_transient as _is_transient_api
 from kleave.operator.conditions import get_condition, set_condition
-from kleave.operator.controllers import contains, status_patch
-from kleave.operator.controllers import is_transient as _is_transient_api
 from kleave.operator.events import EventRecorder, EventType
 from kleave.operator.kube import (
     AGENT_SANDBOX,
@@ -48,13 +47,6 @@ from kleave.operator.kube import (
     ApiError,
     KubeApi,
     ResourceType,
-)
-from kleave.operator.metrics import (
-    RECONCILE_DURATION,
-    RECONCILE_TOTAL,
-    RESULT_ERROR,
-    RESULT_SUCCESS,
-    RESULT_TEMPORARY_ERROR,
 )
 from kleave.operator.naming import (
     ANNOTATION_CLAIM_SOURCE,
@@ -71,14 +63,12 @@ from kleave.operator.rollout import Event
 from kleave.operator.sandbox_builder import PodOwner, TemplateError
 from kleave.operator.sandbox_decisions import format_ms, label, slim_sandbox_pod
 from kleave.operator.store import Store, controller_uid
-from kleave.operator.workqueue import WorkQueue, run_workers
 
 logger = logging.getLogger("kleave.operator.sandbox")
 
 TEMPLATE_KEY = "SandboxTemplate"
 POOL_KEY = "SandboxWarmPool"
 SANDBOX_KEY = "AgentSandbox"
-RESYNC_S = 300.0
 RUNTIME_CLASS_RECHECK_S = 30.0
 CLAIM_ATTEMPTS = 5
 """Warm pods one reconcile tries before it retries (conflicts) or cold-starts (none left)."""
@@ -191,19 +181,20 @@ class SandboxPods:
         return len(self._pods)
 
 
-class SandboxControllers:
+class SandboxControllers(CachedController):
     """Caches, the work queue, and the three sandbox reconcilers."""
 
+    what = "sandbox objects"
+    log = logger
+
     def __init__(self, api: KubeApi, *, workers: int = 32) -> None:
-        self.api = api
+        super().__init__(api, workers=workers)
         self.recorder = EventRecorder(api)
-        self.workers = workers
         self.templates = Store("SandboxTemplate")
         self.pools = Store("SandboxWarmPool")
         self.sandboxes = Store("AgentSandbox")
         self.pods = SandboxPods()
         self.policies = Store("NetworkPolicy")
-        self.queue: Any = None  # created inside the running loop
         self._busy: set[str] = set()  # "namespace/pod" a claim is in flight for
         self._claims: dict[Key, int] = defaultdict(int)  # per pool, not yet in its status
         self._first_seen: dict[str, datetime] = {}  # sandbox uid -> first watch event
@@ -347,28 +338,8 @@ class SandboxControllers:
                 assert store is not None
                 store.replace_all(items)
 
-    async def run(self) -> None:
-        """Prime the caches, then reconcile until cancelled (with a periodic full resync)."""
-        self.queue = WorkQueue()
-        while True:
-            try:
-                await self.prime()
-                break
-            except (ApiError, aiohttp.ClientError, OSError) as error:
-                logger.warning("Listing sandbox objects failed, retrying in 5s: %s", error)
-                await asyncio.sleep(5)
-        self._enqueue_all()
-        resync = asyncio.create_task(self._resync())
-        try:
-            await run_workers(
-                self.queue,
-                self.reconcile,
-                workers=self.workers,
-                is_transient=is_transient,
-                on_result=_record,
-            )
-        finally:
-            resync.cancel()
+    def is_transient(self, error: BaseException) -> bool:
+        return is_transient(error)
 
     def _enqueue_all(self) -> None:
         for key_kind, store in (
@@ -379,11 +350,6 @@ class SandboxControllers:
             for obj in store.all():
                 self.queue.add((key_kind, obj["metadata"]["namespace"], obj["metadata"]["name"]))
 
-    async def _resync(self) -> None:
-        while True:
-            await asyncio.sleep(RESYNC_S)
-            self._enqueue_all()
-
     async def reconcile(self, key: Hashable) -> float | None:
         kind, namespace, name = cast("tuple[str, str, str]", key)
         if kind == TEMPLATE_KEY:
@@ -393,27 +359,6 @@ class SandboxControllers:
         return await self.reconcile_sandbox(namespace, name)
 
     # -- helpers ----------------------------------------------------------------------------
-
-    async def _apply(self, desired: dict[str, Any], current: Mapping[str, Any] | None) -> None:
-        if current is not None and contains(current, desired):
-            return
-        applied = await self.api.apply(desired)
-        self.observe("MODIFIED", applied)
-
-    async def _write_status(
-        self, rt: ResourceType, obj: Mapping[str, Any], desired: Mapping[str, Any]
-    ) -> None:
-        patch = status_patch(obj.get("status") or {}, desired)
-        if not patch:
-            return
-        meta = obj["metadata"]
-        try:
-            updated = await self.api.patch_status(rt, meta["namespace"], meta["name"], patch)
-        except ApiError as error:
-            if error.not_found:
-                return  # deleted meanwhile; its DELETED event clears the cache
-            raise
-        self.observe("MODIFIED", updated)
 
     async def _post(self, obj: Mapping[str, Any], events: Iterable[Event]) -> None:
         for event in events:
@@ -869,12 +814,3 @@ def _error_message(error: Exception) -> str:
             for item in error.errors(include_url=False)
         )[:1000]
     return str(error)[:1000]
-
-
-_RESULTS = {"ok": RESULT_SUCCESS, "retry": RESULT_TEMPORARY_ERROR, "error": RESULT_ERROR}
-
-
-def _record(key: Hashable, result: str, seconds: float) -> None:
-    kind = key[0] if isinstance(key, tuple) else str(key)
-    RECONCILE_TOTAL.labels(kind=kind, result=_RESULTS.get(result, result)).inc()
-    RECONCILE_DURATION.labels(kind=kind).observe(seconds)
