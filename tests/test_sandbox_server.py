@@ -135,6 +135,33 @@ def test_health_needs_no_token_but_everything_else_does(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_health_reports_agent_activity_but_not_the_operators_calls(tmp_path: Path) -> None:
+    async def health(client: Client) -> dict[str, Any]:
+        async with client.http.get("/healthz") as response:
+            body: dict[str, Any] = await response.json()
+            return body
+
+    async def scenario(client: Client) -> None:
+        start = await health(client)
+        assert start["runningCommands"] == 0
+        assert start["auditHead"]["seq"] >= 1
+        await asyncio.sleep(0.05)
+        async with client.http.post("/v1/snapshot") as response:  # the operator pausing
+            assert response.status == 200
+        async with client.http.get("/v1/audit/head") as response:
+            assert response.status == 200
+        after_operator = await health(client)
+        assert after_operator["lastActivity"] == start["lastActivity"]
+        assert after_operator["auditHead"]["seq"] > start["auditHead"]["seq"]
+        await asyncio.sleep(0.05)
+        async with client.http.get("/v1/files/list") as response:  # the agent
+            assert response.status == 200
+        after_agent = await health(client)
+        assert after_agent["lastActivity"] > start["lastActivity"]
+
+    run(tmp_path, scenario)
+
+
 # ----- exec -----------------------------------------------------------------------------------
 def test_exec_streams_stdout_and_stderr_then_the_exit(tmp_path: Path) -> None:
     async def scenario(client: Client) -> None:

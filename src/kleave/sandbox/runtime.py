@@ -93,6 +93,8 @@ class SandboxRuntime:
         self.audit = AuditLog(self.state_dir / AUDIT_FILE, fsync=config.audit_fsync)
         self.processes: dict[str, ExecProcess] = {}
         self._state_lock = asyncio.Lock()
+        self.last_activity = datetime.now(UTC)
+        """The last agent call (start or end); idleTimeoutSeconds counts from it."""
         self.audit.append(
             "runtime.start",
             "ok",
@@ -147,6 +149,15 @@ class SandboxRuntime:
             "LC_ALL": "C.UTF-8",
         }
 
+    def touch(self) -> None:
+        """Record agent activity now."""
+        self.last_activity = datetime.now(UTC)
+
+    def last_activity_iso(self) -> str:
+        """The last activity, or now while a command runs (a running command is not idle)."""
+        moment = datetime.now(UTC) if self.processes else self.last_activity
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
     def kill_all(self) -> int:
         """Kill every running command's process group; how many were running."""
         return sum(process.kill() for process in list(self.processes.values()))
@@ -200,6 +211,7 @@ class SandboxRuntime:
         """Kill running commands, then restore a verified snapshot (see ``restore_snapshot``)."""
         async with self._state_lock:
             self.kill_all()
+            self.touch()  # a resumed sandbox's idle time starts again
             try:
                 return await asyncio.to_thread(
                     restore_snapshot,

@@ -3,7 +3,7 @@
 Routes (all but ``/healthz`` need ``Authorization: Bearer <token>`` when a token is set):
 
 ======  ============================  =========================================================
-GET     /healthz                      liveness, no auth, not audited
+GET     /healthz                      liveness and activity, no auth, not audited
 POST    /v1/exec                      {argv, cwd?, env?, timeoutSeconds?, stdin?} -> NDJSON
 POST    /v1/exec/{id}/kill            kill a running command's process group
 GET     /v1/files?path=P              file bytes
@@ -51,6 +51,11 @@ STREAMING = web.RequestKey("streaming", bool)
 LIST_LIMIT = 10_000
 CHUNK = 1 << 20
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPERATOR_ACTIONS = frozenset(
+    {"snapshot", "snapshot.list", "restore", "audit.read", "audit.head", "audit.verify"}
+)
+"""Calls the operator makes (pause, resume, audit anchoring): they do not keep a sandbox busy,
+or an idle sandbox would never reach its idle timeout."""
 
 
 def create_app(runtime: SandboxRuntime) -> web.Application:
@@ -113,6 +118,9 @@ async def _audit_middleware(request: web.Request, handler: Handler) -> web.Strea
     action = request.match_info.route.name or "http"
     detail: dict[str, Any] = {"method": request.method, "path": request.path}
     request[DETAIL] = detail
+    agent_call = action not in OPERATOR_ACTIONS
+    if agent_call:
+        runtime.touch()
     try:
         _authorize(request, runtime)
         response = await handler(request)
@@ -140,6 +148,8 @@ async def _audit_middleware(request: web.Request, handler: Handler) -> web.Strea
             runtime.audit.append(action, outcome, {**detail, "status": 500})
             raise
     runtime.audit.append(action, outcome, {**detail, "status": response.status})
+    if agent_call:
+        runtime.touch()  # a long command's end counts too
     return response
 
 
@@ -195,7 +205,16 @@ def _clip_argv(argv: Any) -> Any:
 
 # ----- handlers -------------------------------------------------------------------------------
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    """Readiness, plus what the operator's idle timeout and audit anchoring read."""
+    runtime = request.app[RUNTIME]
+    return web.json_response(
+        {
+            "status": "ok",
+            "lastActivity": runtime.last_activity_iso(),
+            "runningCommands": len(runtime.processes),
+            "auditHead": runtime.audit.head.to_dict(),
+        }
+    )
 
 
 async def _exec(request: web.Request) -> web.StreamResponse:
