@@ -27,6 +27,10 @@ from kleave.operator.sandbox_builder import (
     build_baseline_network_policy,
     build_network_policy,
     build_pod,
+    build_state_claim,
+    pool_claim_name,
+    resume_pod_name,
+    sandbox_claim_name,
     policy_document,
     pool_selector,
     selector_string,
@@ -55,7 +59,15 @@ def spec(**fields: Any) -> SandboxTemplateSpec:
 
 
 def pool_pod(template: SandboxTemplateSpec | None = None) -> dict[str, Any]:
-    return build_pod(TEMPLATE, template or spec(), PodOwner(POOL, pool="coder-pool"))
+    template = template or spec()
+    claim = "coder-pool-x7k2q-state" if template.persistence.enabled else None
+    return build_pod(
+        TEMPLATE,
+        template,
+        PodOwner(POOL, pool="coder-pool"),
+        name="coder-pool-x7k2q",
+        claim_name=claim,
+    )
 
 
 def test_pool_pod_is_isolated_by_default() -> None:
@@ -148,6 +160,7 @@ def test_limits_requests_scheduling_and_env() -> None:
         TEMPLATE,
         template,
         PodOwner(SANDBOX, sandbox="task-1"),
+        name="task-1",
         extra_env=[EnvVar(name="A", value="sandbox"), EnvVar(name="B", value="b")],
     )
     body = pod["spec"]
@@ -166,7 +179,7 @@ def test_labels_and_owner_of_pool_and_cold_pods() -> None:
     template = spec()
     pooled = pool_pod(template)
     meta = pooled["metadata"]
-    assert meta["generateName"] == "coder-pool-" and "name" not in meta
+    assert meta["name"] == "coder-pool-x7k2q" and "generateName" not in meta
     assert meta["labels"] == {
         MANAGED_BY: "kleave",
         "app.kubernetes.io/name": "kleave",
@@ -178,16 +191,62 @@ def test_labels_and_owner_of_pool_and_cold_pods() -> None:
     [ref] = meta["ownerReferences"]
     assert (ref["kind"], ref["uid"], ref["controller"]) == ("SandboxWarmPool", "p-uid", True)
 
-    cold = build_pod(TEMPLATE, template, PodOwner(SANDBOX, sandbox="task-1"))
+    cold = build_pod(
+        TEMPLATE,
+        template,
+        PodOwner(SANDBOX, sandbox="task-1"),
+        name="task-1",
+        claim_name="coder-pool-x7k2q-state",
+    )
     meta = cold["metadata"]
     assert meta["name"] == "task-1" and "generateName" not in meta
     assert meta["labels"][LABEL_SANDBOX] == "task-1"
     assert LABEL_WARM_POOL not in meta["labels"]
     assert meta["ownerReferences"][0]["uid"] == "s-uid"
-    assert cold["spec"] == pooled["spec"]  # same template, same pod
+    assert cold["spec"] == pooled["spec"]  # same template and claim, same pod
 
     with pytest.raises(ValueError, match="exactly one"):
-        build_pod(TEMPLATE, template, PodOwner(SANDBOX))
+        build_pod(TEMPLATE, template, PodOwner(SANDBOX), name="x")
+
+
+def test_persistence_mounts_the_claim_where_the_runtime_writes_snapshots() -> None:
+    pod = pool_pod()
+    [container] = pod["spec"]["containers"]
+    assert {"name": "persist", "mountPath": "/var/lib/kleave/snapshots"} in container[
+        "volumeMounts"
+    ]
+    assert {
+        "name": "persist",
+        "persistentVolumeClaim": {"claimName": "coder-pool-x7k2q-state"},
+    } in pod["spec"]["volumes"]
+    without = spec(persistence={"enabled": False})
+    bare = pool_pod(without)
+    assert all(v["name"] != "persist" for v in bare["spec"]["volumes"])
+    # Turning persistence on or off changes pods (rolls pools); its size does not.
+    assert template_hash(without) != template_hash(spec())
+    assert template_hash(spec(persistence={"size": "5Gi"})) == template_hash(spec())
+
+
+def test_state_claims_belong_to_the_pod_then_the_sandbox() -> None:
+    persistence = spec(persistence={"size": "2Gi", "storageClassName": "fast"}).persistence
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "ns", "uid": "u"},
+    }
+    claim = build_state_claim(pod, pool_claim_name("p"), "coder", persistence)
+    assert claim["metadata"]["name"] == "p-state"
+    assert claim["metadata"]["ownerReferences"][0]["uid"] == "u"
+    assert LABEL_SANDBOX not in claim["metadata"]["labels"]
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "2Gi"}},
+        "storageClassName": "fast",
+    }
+    own = build_state_claim(SANDBOX, sandbox_claim_name("task-1"), "coder", persistence)
+    assert own["metadata"]["name"] == "task-1-state"
+    assert own["metadata"]["labels"][LABEL_SANDBOX] == "task-1"
+    assert resume_pod_name("task-1", 3) == "task-1-r3"
 
 
 def test_pool_selector_matches_only_unclaimed_pool_pods() -> None:

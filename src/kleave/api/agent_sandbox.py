@@ -346,6 +346,30 @@ class AgentSandboxStatus(StatusModel):
         default=None,
         description="The last runtime call seen; idleTimeoutSeconds counts from it.",
     )
+    volume_claim_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description=(
+            "The PersistentVolumeClaim holding the sandbox's snapshots (owned by the "
+            "sandbox, deleted with it); none without persistence."
+        ),
+    )
+    idle_paused_at: Timestamp = Field(
+        default=None,
+        description=(
+            "When idleTimeoutSeconds paused the sandbox (spec.mode stays Running). It stays "
+            "paused until the annotation kleave.dev/resume-requested is set to a new value "
+            "(the SDK's resume() does that) or spec.mode goes Paused and back to Running."
+        ),
+    )
+    resume_request: str | None = Field(
+        default=None,
+        max_length=64,
+        description=(
+            "The value of the kleave.dev/resume-requested annotation last acted on: a new "
+            "value resumes an idle-paused sandbox."
+        ),
+    )
     expires_at: Timestamp = Field(
         default=None,
         description="When maxLifetimeSeconds ends the sandbox; none without a limit.",

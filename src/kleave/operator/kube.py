@@ -68,6 +68,13 @@ SANDBOX_WARM_POOL = ResourceType("kleave.dev/v1alpha1", "SandboxWarmPool", "sand
 AGENT_SANDBOX = ResourceType("kleave.dev/v1alpha1", "AgentSandbox", "agentsandboxes")
 NETWORK_POLICY = ResourceType("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies")
 RUNTIME_CLASS = ResourceType("node.k8s.io/v1", "RuntimeClass", "runtimeclasses", namespaced=False)
+SECRET = ResourceType("v1", "Secret", "secrets")
+PERSISTENT_VOLUME_CLAIM = ResourceType("v1", "PersistentVolumeClaim", "persistentvolumeclaims")
+PERSISTENT_VOLUME = ResourceType("v1", "PersistentVolume", "persistentvolumes", namespaced=False)
+STORAGE_CLASS = ResourceType(
+    "storage.k8s.io/v1", "StorageClass", "storageclasses", namespaced=False
+)
+LEASE = ResourceType("coordination.k8s.io/v1", "Lease", "leases")
 
 _BY_KIND = {
     (rt.api_version, rt.kind): rt

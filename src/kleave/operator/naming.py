@@ -21,9 +21,11 @@ LABEL_TEMPLATE_HASH = "kleave.dev/template-hash"
 LABEL_WARM_POOL = "kleave.dev/warm-pool"  # unclaimed pool pods only; removed by the claim
 LABEL_SANDBOX = "kleave.dev/sandbox"  # the AgentSandbox a pod is bound to
 ANNOTATION_TOOL_POLICY = "kleave.dev/tool-policy"
-ANNOTATION_CLAIM_SOURCE = "kleave.dev/claim-source"  # Warm or Cold
+ANNOTATION_CLAIM_SOURCE = "kleave.dev/claim-source"  # Warm, Cold or Resume
 ANNOTATION_CLAIMED_AT = "kleave.dev/claimed-at"
 ANNOTATION_CLAIMED_FROM = "kleave.dev/claimed-from"  # the warm pool of a Warm claim
+ANNOTATION_RESTORED = "kleave.dev/restored-generation"  # on a resumed pod, once restored
+ANNOTATION_RESUME_REQUESTED = "kleave.dev/resume-requested"  # on an AgentSandbox, by its user
 COMPONENT_SANDBOX = "sandbox"
 
 COMPONENT_WORKER = "worker"

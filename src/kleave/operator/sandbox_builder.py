@@ -4,7 +4,9 @@ Every sandbox pod, warm or cold, comes from :func:`build_pod`, so the isolation 
 in one place: the template's runtime class (a microVM), no service-account token, non-root
 with a fixed uid, seccomp ``RuntimeDefault``, all capabilities dropped, no privilege
 escalation, a read-only root filesystem with three writable ``emptyDir`` volumes (the
-workspace, the runtime's state, a small ``/tmp``), and resource limits. The tool policy
+workspace, the runtime's state, a small ``/tmp``), and resource limits. With persistence, a
+PersistentVolumeClaim is mounted where the runtime writes its snapshots, so a pause's snapshot
+outlives the pod. The tool policy
 reaches the runtime as a file projected from a pod annotation (downward API), so a pod carries
 the exact policy it was built with and needs no ConfigMap whose later edits could change it.
 
@@ -21,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kleave.api.sandbox_template import EnvVar, SandboxTemplateSpec
+from kleave.api.sandbox_template import EnvVar, Persistence, SandboxTemplateSpec
 from kleave.operator.naming import (
     ANNOTATION_TOOL_POLICY,
     COMPONENT_SANDBOX,
@@ -40,6 +42,9 @@ SANDBOX_UID = 65532
 CONTAINER_NAME = "sandbox"
 RUNTIME_PORT_NAME = "runtime"
 STATE_DIR = "/var/lib/kleave"
+SNAPSHOT_DIR = f"{STATE_DIR}/snapshots"
+"""The runtime's default snapshot directory; with persistence the claim is mounted here."""
+PERSIST_VOLUME = "persist"
 POLICY_DIR = "/etc/kleave"
 POLICY_FILE = f"{POLICY_DIR}/policy.json"
 TMP_DIR = "/tmp"  # the sandbox's own emptyDir, not the node's
@@ -54,6 +59,8 @@ BASELINE_POLICY_NAME = "kleave-sandbox-baseline"
 
 RESERVED_PATHS = (STATE_DIR, POLICY_DIR, TMP_DIR)
 """Where kleave mounts its own volumes; a workspace may not overlap them."""
+_HASHED_CLAIM = "<claim>"
+"""Stands for the per-pod claim name in the template hash (every pod has its own claim)."""
 
 
 class TemplateError(ValueError):
@@ -140,7 +147,9 @@ def _resources(spec: SandboxTemplateSpec) -> dict[str, Any]:
     return out
 
 
-def _pod_spec(spec: SandboxTemplateSpec, extra_env: Sequence[EnvVar]) -> dict[str, Any]:
+def _pod_spec(
+    spec: SandboxTemplateSpec, extra_env: Sequence[EnvVar], claim_name: str | None
+) -> dict[str, Any]:
     env = _runtime_env(spec)
     taken = {item["name"] for item in env}
     for var in [*spec.env, *extra_env]:  # the template's first: its names win
@@ -179,6 +188,8 @@ def _pod_spec(spec: SandboxTemplateSpec, extra_env: Sequence[EnvVar]) -> dict[st
             {"name": "policy", "mountPath": POLICY_DIR, "readOnly": True},
         ],
     }
+    if claim_name is not None:
+        container["volumeMounts"].append({"name": PERSIST_VOLUME, "mountPath": SNAPSHOT_DIR})
     pod: dict[str, Any] = {
         "runtimeClassName": spec.runtime_class_name,
         "automountServiceAccountToken": False,
@@ -214,6 +225,10 @@ def _pod_spec(spec: SandboxTemplateSpec, extra_env: Sequence[EnvVar]) -> dict[st
             },
         ],
     }
+    if claim_name is not None:
+        pod["volumes"].append(
+            {"name": PERSIST_VOLUME, "persistentVolumeClaim": {"claimName": claim_name}}
+        )
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
@@ -227,12 +242,16 @@ def template_hash(spec: SandboxTemplateSpec) -> str:
     """A stable hash of what the template's pods are built from (warm pools roll on it).
 
     It hashes the built pod spec and policy, not the template's fields: a change that does
-    not change pods (egress, lifetime) does not roll the pool, and a change in how kleave
-    builds pods does, as a Deployment's pod-template-hash behaves.
+    not change pods (egress, lifetime, the claim's size or class) does not roll the pool, and
+    a change in how kleave builds pods (turning persistence on or off) does, as a
+    Deployment's pod-template-hash behaves.
     """
     check_template(spec)
     canonical = json.dumps(
-        {"spec": _pod_spec(spec, ()), "policy": policy_document(spec)},
+        {
+            "spec": _pod_spec(spec, (), _HASHED_CLAIM if spec.persistence.enabled else None),
+            "policy": policy_document(spec),
+        },
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -253,36 +272,88 @@ def build_pod(
     spec: SandboxTemplateSpec,
     owner: PodOwner,
     *,
+    name: str,
+    claim_name: str | None = None,
     extra_env: Sequence[EnvVar] = (),
     annotations: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One sandbox pod of ``template``.
+    """One sandbox pod of ``template``, named ``name``, mounting ``claim_name`` if given.
 
-    A pool's pod gets ``generateName: <pool>-`` and the pool label; a cold-started sandbox's
-    pod is named after the sandbox and carries the sandbox label from the start.
+    A pool's pod carries the pool label (its name is chosen by the caller, not generated by
+    the API server, because its claim is named after it before it exists); a sandbox's own
+    pod (cold start, resume) carries the sandbox label from the start.
     """
     if (owner.pool is None) == (owner.sandbox is None):
         raise ValueError("a sandbox pod belongs to exactly one of a warm pool or a sandbox")
-    name = template["metadata"]["name"]
-    labels = sandbox_labels(name, template_hash(spec))
+    template_name = template["metadata"]["name"]
+    labels = sandbox_labels(template_name, template_hash(spec))
+    if owner.pool is not None:
+        labels[LABEL_WARM_POOL] = owner.pool
+    else:
+        assert owner.sandbox is not None
+        labels[LABEL_SANDBOX] = owner.sandbox
     metadata: dict[str, Any] = {
+        "name": name,
         "namespace": template["metadata"]["namespace"],
         "labels": labels,
         "annotations": {ANNOTATION_TOOL_POLICY: policy_document(spec), **(annotations or {})},
         "ownerReferences": [owner_reference(owner.obj)],
     }
-    if owner.pool is not None:
-        labels[LABEL_WARM_POOL] = owner.pool
-        metadata["generateName"] = f"{owner.pool}-"
-    else:
-        assert owner.sandbox is not None
-        labels[LABEL_SANDBOX] = owner.sandbox
-        metadata["name"] = owner.sandbox
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": metadata,
-        "spec": _pod_spec(spec, extra_env),
+        "spec": _pod_spec(spec, extra_env, claim_name),
+    }
+
+
+def pool_claim_name(pod: str) -> str:
+    """The claim of a warm pool's pod: it moves to the sandbox that adopts the pod."""
+    return f"{pod}-state"
+
+
+def sandbox_claim_name(sandbox: str) -> str:
+    """The claim of a sandbox that did not adopt a warm pod (cold start)."""
+    return f"{sandbox}-state"
+
+
+def resume_pod_name(sandbox: str, generation: int) -> str:
+    """A resumed sandbox's pod: one name per snapshot, so it never meets the paused pod."""
+    return f"{sandbox}-r{generation}"
+
+
+def build_state_claim(
+    owner: Mapping[str, Any], name: str, template: str, persistence: Persistence
+) -> dict[str, Any]:
+    """The PersistentVolumeClaim a sandbox's snapshots go to, owned by ``owner``.
+
+    A warm pod owns its claim until a sandbox adopts the pod; then the sandbox owns it, so
+    pausing (deleting the pod) keeps it and deleting the sandbox deletes it.
+    """
+    meta = owner["metadata"]
+    spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": str(persistence.size)}},
+    }
+    if persistence.storage_class_name:
+        spec["storageClassName"] = persistence.storage_class_name
+    labels = {
+        MANAGED_BY: MANAGER,
+        LABEL_COMPONENT_APP: COMPONENT_SANDBOX,
+        LABEL_SANDBOX_TEMPLATE: template,
+    }
+    if owner.get("kind") == "AgentSandbox":
+        labels[LABEL_SANDBOX] = meta["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "ownerReferences": [owner_reference(owner)],
+        },
+        "spec": spec,
     }
 
 

@@ -12,27 +12,31 @@ the pool's own clean-up (whose deletes carry the resourceVersion too). A sandbox
 for a pod already bound to it, so a claim whose status write never happened (an operator
 crash) is found again rather than repeated: a pod is never lost and never bound twice.
 
-Not acted on yet: ``spec.mode: Paused`` and ``idleTimeoutSeconds`` (pause and resume need the
-snapshot store); a Paused sandbox keeps running. ``maxLifetimeSeconds`` and
-``ttlSecondsAfterFinished`` are.
+Pause and resume go through the runtime in the pod (:mod:`sandbox_runtime_api`): a pause asks
+it for a snapshot on the sandbox's PersistentVolumeClaim, records the snapshot and the audit
+head in status, and only then frees the pod; a resume starts a fresh pod on the same claim,
+restores the snapshot into it and checks the audit chain against the recorded head before the
+sandbox is Ready. The idle clock is the runtime's own record of the agent's last call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Mapping
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import kopf
 from pydantic import ValidationError
 
 from kleave.api.agent_sandbox import AgentSandboxSpec
-from kleave.api.sandbox_template import Lifetime, SandboxTemplateSpec
+from kleave.api.sandbox_template import Lifetime, Persistence, SandboxTemplateSpec
 from kleave.api.sandbox_warm_pool import SandboxWarmPoolSpec
-from kleave.operator import sandbox_builder, sandbox_decisions
+from kleave.operator import sandbox_builder, sandbox_decisions, sandbox_pause
 from kleave.operator.cached_controller import CachedController
 from kleave.operator.cached_controller import is_transient as _is_transient_api
 from kleave.operator.conditions import get_condition, set_condition
@@ -40,6 +44,7 @@ from kleave.operator.events import EventRecorder, EventType
 from kleave.operator.kube import (
     AGENT_SANDBOX,
     NETWORK_POLICY,
+    PERSISTENT_VOLUME_CLAIM,
     POD,
     RUNTIME_CLASS,
     SANDBOX_TEMPLATE,
@@ -51,6 +56,7 @@ from kleave.operator.kube import (
 from kleave.operator.naming import (
     ANNOTATION_CLAIM_SOURCE,
     ANNOTATION_CLAIMED_AT,
+    ANNOTATION_RESTORED,
     COMPONENT_SANDBOX,
     LABEL_COMPONENT_APP,
     LABEL_SANDBOX,
@@ -58,10 +64,13 @@ from kleave.operator.naming import (
     LABEL_WARM_POOL,
     MANAGED_BY,
     MANAGER,
+    owner_reference,
 )
 from kleave.operator.rollout import Event
 from kleave.operator.sandbox_builder import PodOwner, TemplateError
-from kleave.operator.sandbox_decisions import format_ms, label, slim_sandbox_pod
+from kleave.operator.sandbox_decisions import format_ms, label, parse_time, slim_sandbox_pod
+from kleave.operator.sandbox_pause import Intent
+from kleave.operator.sandbox_runtime_api import RuntimeApi, RuntimeCallError
 from kleave.operator.store import Store, controller_uid
 
 logger = logging.getLogger("kleave.operator.sandbox")
@@ -73,6 +82,9 @@ RUNTIME_CLASS_RECHECK_S = 30.0
 CLAIM_ATTEMPTS = 5
 """Warm pods one reconcile tries before it retries (conflicts) or cold-starts (none left)."""
 CREATE_CONCURRENCY = 32
+RUNTIME_RETRY_S = 5.0
+"""How soon a failed runtime call (snapshot, restore, idle check) is tried again."""
+_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # the API server's generateName alphabet
 
 POD_LABELS: dict[str, Any] = {MANAGED_BY: MANAGER, LABEL_SANDBOX_TEMPLATE: kopf.PRESENT}
 POLICY_LABELS: dict[str, Any] = {MANAGED_BY: MANAGER, LABEL_COMPONENT_APP: COMPONENT_SANDBOX}
@@ -87,6 +99,39 @@ WATCHED: tuple[tuple[ResourceType, dict[str, Any] | None, str], ...] = (
 
 Key = tuple[str, str]
 Obj = dict[str, Any]
+
+
+@dataclass
+class _Step:
+    """What one sandbox reconcile's pause, resume and idle steps decided."""
+
+    lifecycle: dict[str, Any]
+    """Status fields they set (snapshot, auditHead, volumeClaimName, the idle clock)."""
+    requeue: list[float]
+    warning: tuple[str, str] | None = None
+    paused: bool = False
+    pod_after_pause: Obj | None = None
+    """The pod while a pause frees it (status shows Pausing until it is gone)."""
+
+
+def _restoring(pod: Mapping[str, Any]) -> bool:
+    """A resumed pod whose snapshot is not restored yet: not Ready, whatever kubelet says."""
+    annotations = pod["metadata"].get("annotations") or {}
+    return annotations.get(ANNOTATION_CLAIM_SOURCE) == "Resume" and not annotations.get(
+        ANNOTATION_RESTORED
+    )
+
+
+def _endpoint(pod: Mapping[str, Any]) -> str | None:
+    ip = (pod.get("status") or {}).get("podIP")
+    port = (pod.get("spec") or {}).get("runtimePort")
+    return f"{ip}:{port}" if ip and port else None
+
+
+def _pause_reason(status: Mapping[str, Any]) -> str:
+    paused = get_condition(status.get("conditions"), "Paused")
+    reason = (paused or {}).get("reason")
+    return sandbox_pause.IDLE if reason == sandbox_pause.IDLE else sandbox_pause.REQUESTED
 
 
 class ClaimConflictError(Exception):
@@ -187,8 +232,11 @@ class SandboxControllers(CachedController):
     what = "sandbox objects"
     log = logger
 
-    def __init__(self, api: KubeApi, *, workers: int = 32) -> None:
+    def __init__(
+        self, api: KubeApi, *, workers: int = 32, runtime: RuntimeApi | None = None
+    ) -> None:
         super().__init__(api, workers=workers)
+        self.runtime = runtime or RuntimeApi()
         self.recorder = EventRecorder(api)
         self.templates = Store("SandboxTemplate")
         self.pools = Store("SandboxWarmPool")
@@ -198,6 +246,8 @@ class SandboxControllers(CachedController):
         self._busy: set[str] = set()  # "namespace/pod" a claim is in flight for
         self._claims: dict[Key, int] = defaultdict(int)  # per pool, not yet in its status
         self._first_seen: dict[str, datetime] = {}  # sandbox uid -> first watch event
+        self._claims_made: set[str] = set()  # "namespace/claim" known to exist
+        self._owned_claims: set[str] = set()  # "sandbox uid/claim" already re-owned
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -525,8 +575,10 @@ class SandboxControllers(CachedController):
         )
 
         failure: ApiError | None = None
-        if plan.create and template is not None and spec is not None:
-            failure = await self._create_pool_pods(pool, template, spec, plan.create)
+        if template is not None and spec is not None:
+            await self._ensure_pool_claims(self.pods.in_pool(namespace, name), template, spec)
+            if plan.create:
+                failure = await self._create_pool_pods(pool, template, spec, plan.create)
         for pod in plan.delete:
             meta = pod["metadata"]
             await self.api.delete(
@@ -552,7 +604,12 @@ class SandboxControllers(CachedController):
     async def _create_pool_pods(
         self, pool: Obj, template: Obj, spec: SandboxTemplateSpec, count: int
     ) -> ApiError | None:
-        """Create ``count`` pods at once (bounded); returns the first failure, if any."""
+        """Create ``count`` pods at once (bounded); returns the first failure, if any.
+
+        Names are chosen here, not by ``generateName``, because a pod with persistence mounts
+        a claim named after it; the claim is created right after the pod, owned by it, so a
+        pool pod that goes takes its empty claim with it.
+        """
         name = pool["metadata"]["name"]
         namespace = pool["metadata"]["namespace"]
         limit = asyncio.Semaphore(CREATE_CONCURRENCY)
@@ -560,18 +617,62 @@ class SandboxControllers(CachedController):
 
         async def create_one() -> None:
             async with limit:
-                if failures:
-                    return  # one refusal (quota, admission) is enough to stop for now
-                pod = sandbox_builder.build_pod(template, spec, PodOwner(pool, pool=name))
-                try:
-                    created = await self.api.create(POD, namespace, pod)
-                except ApiError as error:
-                    failures.append(error)
+                for _ in range(3):  # a name already taken: draw another
+                    if failures:
+                        return  # one refusal (quota, admission) is enough to stop for now
+                    pod_name = f"{name}-{_suffix()}"
+                    claim = (
+                        sandbox_builder.pool_claim_name(pod_name)
+                        if spec.persistence.enabled
+                        else None
+                    )
+                    pod = sandbox_builder.build_pod(
+                        template, spec, PodOwner(pool, pool=name), name=pod_name, claim_name=claim
+                    )
+                    try:
+                        created = await self.api.create(POD, namespace, pod)
+                    except ApiError as error:
+                        if error.status == 409:
+                            continue
+                        failures.append(error)
+                        return
+                    self.observe("ADDED", created)
+                    if claim is not None:
+                        await self._create_pool_claim(created, template, spec)
                     return
-                self.observe("ADDED", created)
 
         await asyncio.gather(*(create_one() for _ in range(count)))
         return failures[0] if failures else None
+
+    async def _create_pool_claim(self, pod: Obj, template: Obj, spec: SandboxTemplateSpec) -> None:
+        """The claim a pool pod mounts (it stays Pending until the claim exists and binds)."""
+        meta = pod["metadata"]
+        claim = sandbox_builder.pool_claim_name(meta["name"])
+        token = f"{meta['namespace']}/{claim}"
+        if token in self._claims_made:
+            return
+        body = sandbox_builder.build_state_claim(
+            pod, claim, template["metadata"]["name"], spec.persistence
+        )
+        try:
+            await self.api.create(PERSISTENT_VOLUME_CLAIM, meta["namespace"], body)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+        self._claims_made.add(token)
+
+    async def _ensure_pool_claims(
+        self, pods: Iterable[Obj], template: Obj, spec: SandboxTemplateSpec
+    ) -> None:
+        """Claims of pool pods that are not running yet: a create whose claim never followed
+        (an operator restart in between) is completed here, level-triggered."""
+        for pod in pods:
+            if (
+                pod["spec"].get("claimName")
+                and not sandbox_decisions.is_ready(pod)
+                and sandbox_decisions.is_live(pod)
+            ):
+                await self._create_pool_claim(pod, template, spec)
 
     # -- AgentSandbox -----------------------------------------------------------------------
 
@@ -582,6 +683,7 @@ class SandboxControllers(CachedController):
         uid = str(sandbox["metadata"]["uid"])
         now = datetime.now(UTC)
         created = sandbox_decisions.creation_estimate(sandbox, self._first_seen.get(uid))
+        current = sandbox.get("status") or {}
         events: list[Event] = []
 
         problem: tuple[str, str] | None = None
@@ -626,21 +728,63 @@ class SandboxControllers(CachedController):
         mine = [p for p in self.pods.of_sandbox(namespace, name) if controller_uid(p) == uid]
         pod = await self._keep_one(sandbox, mine, events)
 
+        step = _Step(lifecycle={}, requeue=[])
+        intent = sandbox_pause.intent(spec, sandbox) if spec is not None else Intent(run=True)
+        if intent.resume_request is not None:
+            step.lifecycle |= {"resumeRequest": intent.resume_request, "idlePausedAt": None}
+        if spec is not None and spec.mode == "Paused" and current.get("idlePausedAt"):
+            step.lifecycle["idlePausedAt"] = None  # a requested pause takes over
+        persistence = (
+            None
+            if spec is None or template_spec is None
+            else sandbox_pause.persistence_of(spec, template_spec)
+        )
+        if not intent.run and persistence is not None and not persistence.enabled:
+            step.warning = (
+                "PersistenceDisabled",
+                "spec.mode is Paused but persistence is disabled (the template's "
+                "spec.persistence.enabled): pausing would lose the sandbox's state, so it keeps "
+                "running; delete it instead, or enable persistence",
+            )
+            intent = Intent(run=True)
+        elif not intent.run and persistence is None and pod is not None:
+            intent = Intent(run=True)  # cannot tell yet (template missing): leave it as it is
+
         if expired:
             for stale in mine:
                 if not stale["metadata"].get("deletionTimestamp"):
                     meta = stale["metadata"]
                     await self.api.delete(POD, namespace, meta["name"], uid=meta["uid"])
-            if (sandbox.get("status") or {}).get("phase") != "Terminating":
+            if current.get("phase") != "Terminating":
                 message = (
                     f"maxLifetimeSeconds={lifetime.max_lifetime_seconds}s ended the sandbox; "
                     "its pod is deleted"
                 )
                 events.append(Event("Normal", "Expired", message))
             pod = None
+        elif not intent.run:
+            await self._pause(sandbox, pod, intent, step, events)
+        elif (
+            pod is not None
+            and pod["metadata"].get("deletionTimestamp")
+            and current.get("phase") in ("Pausing", "Paused")
+        ):
+            # A resume asked for while the paused pod is still going: its claim frees first.
+            intent = Intent(run=False, pause_reason=_pause_reason(current))
         elif pod is None:
-            bound = (sandbox.get("status") or {}).get("podName")
-            if bound:
+            bound = current.get("podName")
+            snapshot = current.get("snapshot") or {}
+            if snapshot.get("generation") is not None and current.get("volumeClaimName"):
+                if problem is None and spec is not None and template is not None and template_spec:
+                    pod = await self._start_resume(
+                        sandbox,
+                        spec=spec,
+                        template=template,
+                        template_spec=template_spec,
+                        generation=int(snapshot["generation"]),
+                        events=events,
+                    )
+            elif bound:
                 pod = await self._find_bound(namespace, str(bound), name, uid)
                 if pod is None:
                     problem = (
@@ -655,30 +799,297 @@ class SandboxControllers(CachedController):
                     pool_name=pool_name,
                     template=template,
                     template_spec=template_spec,
+                    persistence=persistence,
                     events=events,
                 )
 
+        if intent.run and pod is not None and not expired:
+            claim = pod["spec"].get("claimName")
+            if claim:
+                step.lifecycle["volumeClaimName"] = claim
+            if _restoring(pod) and sandbox_decisions.is_ready(pod):
+                pod = await self._restore(sandbox, pod, step, events)
+            elif sandbox_decisions.is_ready(pod) and not _restoring(pod):
+                idle = (
+                    0
+                    if spec is None or template_spec is None
+                    else sandbox_pause.idle_timeout_of(spec, template_spec)
+                )
+                if await self._idle(
+                    sandbox, pod, idle_timeout_s=idle, step=step, events=events, now=now
+                ):
+                    intent = Intent(run=False, pause_reason=sandbox_pause.IDLE)
+                    step.lifecycle["idlePausedAt"] = format_ms(now)
+                    await self._pause(sandbox, pod, intent, step, events)
+
+        source = ((pod or {}).get("metadata", {}).get("annotations") or {}).get(
+            ANNOTATION_CLAIM_SOURCE
+        )
+        if source == "Resume" and pod is not None:
+            started = parse_time(pod["metadata"]["annotations"].get(ANNOTATION_CLAIMED_AT))
+            created = started or created
         view = sandbox_decisions.sandbox_status(
             sandbox=sandbox,
-            pod=pod,
+            pod=step.pod_after_pause if step.paused else pod,
             problem=problem,
             expires_at=deadlines.expires_at,
             expired=expired,
             created=created,
             runtime_port=None if template_spec is None else template_spec.runtime_port,
             now=datetime.now(UTC),  # after the claim: its latency includes the patch
+            intent=intent,
+            lifecycle=step.lifecycle,
+            warning=step.warning,
         )
         await self._write_status(AGENT_SANDBOX, sandbox, view.status)
         await self._post(sandbox, [*events, *view.events])
         if (view.status.get("claim") or {}).get("latencyMs") is not None:
             self._first_seen.pop(uid, None)
+        if intent.run and pod is not None and step.lifecycle.get("volumeClaimName"):
+            await self._own_claim(sandbox, str(step.lifecycle["volumeClaimName"]))
 
         if expired:
             assert deadlines.delete_at is not None
-            return max(0.05, (deadlines.delete_at - now).total_seconds())
-        if deadlines.expires_at is not None:
-            return max(0.05, (deadlines.expires_at - now).total_seconds())
-        return None
+            step.requeue.append((deadlines.delete_at - now).total_seconds())
+        elif deadlines.expires_at is not None:
+            step.requeue.append((deadlines.expires_at - now).total_seconds())
+        return max(0.05, min(step.requeue)) if step.requeue else None
+
+    # -- pause, resume, idle ----------------------------------------------------------------
+
+    async def _pause(
+        self, sandbox: Obj, pod: Obj | None, intent: Intent, step: _Step, events: list[Event]
+    ) -> None:
+        """Snapshot the sandbox to its claim, record it, then free the pod.
+
+        The status write comes before the pod's delete, so a crash in between never leaves a
+        snapshot status does not know about; the claim is re-owned by the sandbox before the
+        pod (its first owner for a warm pod) goes, so the volume outlives it.
+        """
+        step.paused = True
+        step.pod_after_pause = pod
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            return  # nothing runs (or it is going): Paused once its DELETED event arrives
+        meta = pod["metadata"]
+        namespace = meta["namespace"]
+        current = sandbox.get("status") or {}
+        was_ready = (
+            current.get("podName") == meta["name"]
+            and (current.get("claim") or {}).get("latencyMs") is not None
+        )
+        ready = sandbox_decisions.is_ready(pod) and sandbox_decisions.is_live(pod)
+        if not ready and was_ready and not _restoring(pod):
+            # It ran and holds work, but its runtime does not answer now (restarting): wait.
+            step.warning = (
+                "SnapshotFailed",
+                f"pod {meta['name']} is not ready, so its state cannot be snapshotted yet; "
+                "the pause waits for it",
+            )
+            step.requeue.append(RUNTIME_RETRY_S)
+            return
+        claim = pod["spec"].get("claimName")
+        if ready and not _restoring(pod):
+            endpoint = _endpoint(pod)
+            if endpoint is None or claim is None:
+                step.warning = (
+                    "SnapshotFailed",
+                    f"pod {meta['name']} has no "
+                    + ("IP" if endpoint is None else "persistent volume")
+                    + " to snapshot through; the pause waits",
+                )
+                step.requeue.append(RUNTIME_RETRY_S)
+                return
+            await self._own_claim(sandbox, claim)
+            try:
+                answer = await self.runtime.snapshot(endpoint)
+            except RuntimeCallError as error:
+                step.warning = (
+                    "SnapshotFailed",
+                    f"snapshot failed, the pod keeps running: {error}",
+                )
+                step.requeue.append(RUNTIME_RETRY_S)
+                return
+            taken = format_ms(datetime.now(UTC))
+            snapshot = sandbox_pause.snapshot_status(answer, taken)
+            step.lifecycle |= {
+                "snapshot": snapshot,
+                "volumeClaimName": claim,
+                "auditHead": sandbox_pause.later_head(
+                    current.get("auditHead"), answer.get("auditHead")
+                ),
+            }
+            record = {**step.lifecycle, "phase": "Pausing"}
+            await self._write_status(AGENT_SANDBOX, sandbox, record)
+            events.append(
+                Event(
+                    "Normal",
+                    "Snapshotted",
+                    f"snapshot {snapshot['generation']} ({snapshot['sizeBytes']} bytes) of pod "
+                    f"{meta['name']} written to claim {claim}",
+                )
+            )
+        elif claim is not None:
+            await self._own_claim(sandbox, claim)
+        await self.api.delete(POD, namespace, meta["name"], uid=meta["uid"])
+        why = "idle timeout" if intent.pause_reason == sandbox_pause.IDLE else "spec.mode Paused"
+        events.append(Event("Normal", "Paused", f"{why}: pod {meta['name']} deleted"))
+
+    async def _own_claim(self, sandbox: Obj, claim: str) -> None:
+        """Make the sandbox the owner of its claim (a warm pod's claim starts out the pod's)."""
+        meta = sandbox["metadata"]
+        token = f"{meta['uid']}/{claim}"
+        if token in self._owned_claims:
+            return
+        pvc = await self.api.get(PERSISTENT_VOLUME_CLAIM, meta["namespace"], claim)
+        if pvc is None:
+            return  # not created yet; tried again on the next reconcile
+        if controller_uid(pvc) != meta["uid"]:
+            patch = {
+                "metadata": {
+                    "resourceVersion": pvc["metadata"]["resourceVersion"],
+                    "labels": {LABEL_SANDBOX: meta["name"]},
+                    "ownerReferences": [owner_reference(sandbox)],
+                }
+            }
+            await self.api.merge_patch(PERSISTENT_VOLUME_CLAIM, meta["namespace"], claim, patch)
+        self._owned_claims.add(token)
+
+    async def _start_resume(
+        self,
+        sandbox: Obj,
+        *,
+        spec: AgentSandboxSpec,
+        template: Obj,
+        template_spec: SandboxTemplateSpec,
+        generation: int,
+        events: list[Event],
+    ) -> Obj | None:
+        """A fresh pod on the sandbox's claim; the snapshot is restored once it is ready."""
+        meta = sandbox["metadata"]
+        claim = str((sandbox.get("status") or {})["volumeClaimName"])
+        pod_name = sandbox_builder.resume_pod_name(meta["name"], generation)
+        body = sandbox_builder.build_pod(
+            template,
+            template_spec,
+            PodOwner(sandbox, sandbox=meta["name"]),
+            name=pod_name,
+            claim_name=claim,
+            extra_env=spec.env,
+            annotations={
+                ANNOTATION_CLAIM_SOURCE: "Resume",
+                ANNOTATION_CLAIMED_AT: format_ms(datetime.now(UTC)),
+            },
+        )
+        pod = await self._create_own_pod(sandbox, body)
+        if pod is not None:
+            message = f"created pod {pod_name} on claim {claim} to restore snapshot {generation}"
+            events.append(Event("Normal", "Resuming", message))
+        return pod
+
+    async def _restore(self, sandbox: Obj, pod: Obj, step: _Step, events: list[Event]) -> Obj:
+        """Restore the recorded snapshot into a resumed pod and check the audit chain."""
+        status = sandbox.get("status") or {}
+        generation = int((status.get("snapshot") or {}).get("generation") or 0)
+        meta = pod["metadata"]
+        endpoint = _endpoint(pod)
+        if endpoint is None:
+            step.requeue.append(RUNTIME_RETRY_S)
+            return pod
+        try:
+            try:
+                answer = await self.runtime.restore(endpoint, generation, fallback=False)
+            except RuntimeCallError as error:
+                if not error.corrupt:
+                    raise
+                answer = await self.runtime.restore(endpoint, generation, fallback=True)
+                step.warning = (
+                    "RestoreFailed",
+                    f"snapshot {generation} is corrupt ({error}); restored the previous good "
+                    f"snapshot {answer.get('generation')} instead: work after it is lost",
+                )
+            verification = await self.runtime.verify_audit(endpoint, status.get("auditHead"))
+        except RuntimeCallError as error:
+            step.warning = ("RestoreFailed", f"restoring snapshot {generation} failed: {error}")
+            step.requeue.append(RUNTIME_RETRY_S)
+            return pod
+        if verification.ok:
+            step.lifecycle["auditHead"] = verification.head.to_dict()
+        else:
+            step.warning = (
+                "AuditVerificationFailed",
+                f"the audit log restored into pod {meta['name']} does not contain the anchored "
+                f"entry {(status.get('auditHead') or {}).get('seq')}: {verification.error}",
+            )
+        step.lifecycle["lastActivityTime"] = format_ms(datetime.now(UTC))
+        patched = await self.api.merge_patch(
+            POD,
+            meta["namespace"],
+            meta["name"],
+            {"metadata": {"annotations": {ANNOTATION_RESTORED: str(answer.get("generation"))}}},
+        )
+        self.observe("MODIFIED", patched)
+        events.append(
+            Event(
+                "Normal",
+                "Resumed",
+                f"restored snapshot {answer.get('generation')} ({answer.get('files')} files, "
+                f"{answer.get('dataBytes')} bytes) into pod {meta['name']}",
+            )
+        )
+        return self.pods.get(meta["namespace"], meta["name"]) or pod
+
+    async def _idle(
+        self,
+        sandbox: Obj,
+        pod: Obj,
+        *,
+        idle_timeout_s: int,
+        step: _Step,
+        events: list[Event],
+        now: datetime,
+    ) -> bool:
+        """Whether the idle timeout has passed; asks the runtime only once it may have."""
+        status = sandbox.get("status") or {}
+        annotations = pod["metadata"].get("annotations") or {}
+        claimed = parse_time(annotations.get(ANNOTATION_CLAIMED_AT))
+        recorded = parse_time(status.get("lastActivityTime"))
+        if status.get("podName") != pod["metadata"]["name"]:
+            recorded = None  # a new pod: its clock starts at its claim
+        last = (
+            max(t for t in (recorded, claimed, None) if t is not None)
+            if (recorded or claimed)
+            else now
+        )
+        if recorded is None:
+            step.lifecycle["lastActivityTime"] = format_ms(last)
+        due = sandbox_pause.idle_deadline(last, idle_timeout_s)
+        if due is None:
+            return False
+        if now < due:
+            step.requeue.append((due - now).total_seconds())
+            return False
+        endpoint = _endpoint(pod)
+        if endpoint is None:
+            return False
+        try:
+            health = await self.runtime.health(endpoint)
+        except RuntimeCallError as error:
+            logger.info("idle check of %s: %s", pod["metadata"]["name"], error)
+            step.requeue.append(RUNTIME_RETRY_S)
+            return False
+        if health.last_activity is not None and health.last_activity > last:
+            last = health.last_activity
+        step.lifecycle["lastActivityTime"] = format_ms(last)
+        head = sandbox_pause.later_head(status.get("auditHead"), health.audit_head)
+        if head is not None:
+            step.lifecycle["auditHead"] = head
+        due = last + timedelta(seconds=idle_timeout_s)
+        if health.running_commands or now < due:
+            step.requeue.append(max(1.0, (due - now).total_seconds()))
+            return False
+        message = f"no runtime call for {idle_timeout_s}s (the last at {format_ms(last)}): pausing"
+        events.append(Event("Normal", "IdleTimeout", message))
+        return True
 
     async def _keep_one(self, sandbox: Obj, pods: list[Obj], events: list[Event]) -> Obj | None:
         """The sandbox's pod; a second live one (which no path should make) is deleted."""
@@ -718,10 +1129,11 @@ class SandboxControllers(CachedController):
         pool_name: str | None,
         template: Obj,
         template_spec: SandboxTemplateSpec,
+        persistence: Persistence | None,
         events: list[Event],
     ) -> Obj | None:
         """Adopt a warm pod, else cold-start one; the events say which and why."""
-        namespace, name = sandbox["metadata"]["namespace"], sandbox["metadata"]["name"]
+        name = sandbox["metadata"]["name"]
         if pool_name is None:
             why = "no warm pool named (spec.templateRef)"
         else:
@@ -734,16 +1146,60 @@ class SandboxControllers(CachedController):
                     return pod
                 why = f"warm pool {pool_name} had no ready sandbox"
         started = datetime.now(UTC)
+        claim: str | None = None
+        if persistence is not None and persistence.enabled:
+            claim = sandbox_builder.sandbox_claim_name(name)
+            await self._create_sandbox_claim(sandbox, claim, template, persistence)
         body = sandbox_builder.build_pod(
             template,
             template_spec,
             PodOwner(sandbox, sandbox=name),
+            name=name,
+            claim_name=claim,
             extra_env=spec.env,
             annotations={
                 ANNOTATION_CLAIM_SOURCE: "Cold",
                 ANNOTATION_CLAIMED_AT: format_ms(started),
             },
         )
+        pod = await self._create_own_pod(sandbox, body)
+        if pod is not None:
+            events.append(Event("Normal", "ColdStarted", f"created pod {name}: {why}"))
+        return pod
+
+    async def _create_sandbox_claim(
+        self, sandbox: Obj, claim: str, template: Obj, persistence: Persistence
+    ) -> None:
+        """The cold-started sandbox's claim, owned by it; one left by an earlier sandbox of
+        the same name (garbage collection pending) is not taken over: its snapshots are not
+        this sandbox's."""
+        meta = sandbox["metadata"]
+        token = f"{meta['namespace']}/{claim}"
+        if token in self._claims_made:
+            return
+        body = sandbox_builder.build_state_claim(
+            sandbox, claim, template["metadata"]["name"], persistence
+        )
+        try:
+            await self.api.create(PERSISTENT_VOLUME_CLAIM, meta["namespace"], body)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+            existing = await self.api.get(PERSISTENT_VOLUME_CLAIM, meta["namespace"], claim)
+            if existing is not None and controller_uid(existing) != meta["uid"]:
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f"PersistentVolumeClaim {claim} belongs to an earlier sandbox of this name; "
+                    "waiting for it to be deleted",
+                ) from None
+        self._claims_made.add(token)
+
+    async def _create_own_pod(self, sandbox: Obj, body: dict[str, Any]) -> Obj | None:
+        """Create one of the sandbox's own pods (cold start, resume); an existing pod of the
+        same name is taken when it is this sandbox's (a create whose answer was lost)."""
+        meta = sandbox["metadata"]
+        namespace, pod_name = meta["namespace"], body["metadata"]["name"]
         try:
             created = await self.api.create(POD, namespace, body)
         except ApiError as error:
@@ -751,13 +1207,12 @@ class SandboxControllers(CachedController):
                 raise
             # A pod of this name exists: ours (a create whose answer was lost), else a
             # same-named sandbox's pod that garbage collection has not removed yet.
-            found = await self._find_bound(namespace, name, name, str(sandbox["metadata"]["uid"]))
+            found = await self._find_bound(namespace, pod_name, meta["name"], str(meta["uid"]))
             if found is None:
                 raise
             return found
         self.observe("ADDED", created)
-        events.append(Event("Normal", "ColdStarted", f"created pod {name}: {why}"))
-        return self.pods.get(namespace, name)
+        return self.pods.get(namespace, pod_name)
 
     async def _claim(
         self, sandbox: Obj, pool_name: str, template_spec: SandboxTemplateSpec
@@ -799,6 +1254,10 @@ class SandboxControllers(CachedController):
                 f"{conflicts} warm pods of pool {pool_name} changed while claimed"
             )
         return None
+
+
+def _suffix() -> str:
+    return "".join(secrets.choice(_NAME_ALPHABET) for _ in range(5))
 
 
 def _template_of_pool(pool: Mapping[str, Any]) -> str | None:

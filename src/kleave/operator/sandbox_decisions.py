@@ -19,6 +19,7 @@ from kleave.operator.naming import (
     ANNOTATION_CLAIM_SOURCE,
     ANNOTATION_CLAIMED_AT,
     ANNOTATION_CLAIMED_FROM,
+    ANNOTATION_RESTORED,
     LABEL_SANDBOX,
     LABEL_TEMPLATE_HASH,
     LABEL_WARM_POOL,
@@ -26,9 +27,20 @@ from kleave.operator.naming import (
 )
 from kleave.operator.pool_status import unschedulable_message
 from kleave.operator.rollout import ConditionWriter, Event
-from kleave.operator.sandbox_builder import CONTAINER_NAME, pool_selector, selector_string
+from kleave.operator.sandbox_builder import (
+    CONTAINER_NAME,
+    PERSIST_VOLUME,
+    pool_selector,
+    selector_string,
+)
+from kleave.operator.sandbox_pause import RUN, Intent
 
-_KEPT_ANNOTATIONS = (ANNOTATION_CLAIM_SOURCE, ANNOTATION_CLAIMED_AT, ANNOTATION_CLAIMED_FROM)
+_KEPT_ANNOTATIONS = (
+    ANNOTATION_CLAIM_SOURCE,
+    ANNOTATION_CLAIMED_AT,
+    ANNOTATION_CLAIMED_FROM,
+    ANNOTATION_RESTORED,
+)
 
 Obj = Mapping[str, Any]
 
@@ -48,6 +60,10 @@ def slim_sandbox_pod(pod: Obj) -> dict[str, Any]:
             for item in container.get("ports") or ():
                 port = item.get("containerPort")
                 break
+    claim = spec.get("claimName")
+    for volume in spec.get("volumes") or ():
+        if volume.get("name") == PERSIST_VOLUME:
+            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -62,7 +78,7 @@ def slim_sandbox_pod(pod: Obj) -> dict[str, Any]:
             "annotations": {k: annotations[k] for k in _KEPT_ANNOTATIONS if k in annotations},
             "ownerReferences": [dict(ref) for ref in meta.get("ownerReferences") or ()],
         },
-        "spec": {"nodeName": spec.get("nodeName"), "runtimePort": port},
+        "spec": {"nodeName": spec.get("nodeName"), "runtimePort": port, "claimName": claim},
         "status": {
             "phase": status.get("phase"),
             "podIP": status.get("podIP"),
@@ -335,21 +351,36 @@ def sandbox_status(
     created: datetime,
     runtime_port: int | None,
     now: datetime,
+    intent: Intent = RUN,
+    lifecycle: Mapping[str, Any] | None = None,
+    warning: tuple[str, str] | None = None,
 ) -> SandboxView:
     """The AgentSandbox's status from its pod (the pod's labels and annotations say how it
     was obtained, so this is right after an operator restart too).
 
     ``problem`` (reason, message): why there is no pod, e.g. TemplateNotFound; reasons
     ``InvalidSpec`` and ``PodLost`` are final (phase Failed), the others wait (Pending).
+    ``intent`` says whether the sandbox should run (else it is Pausing while its pod exists,
+    then Paused); ``lifecycle`` holds the status fields pause, resume and the idle clock keep
+    (snapshot, auditHead, volumeClaimName, lastActivityTime, idlePausedAt, resumeRequest);
+    ``warning`` is a Degraded reason that does not stop the sandbox (a failed snapshot keeps
+    its pod running, an audit log that fails verification is reported, not hidden).
     """
     current = dict(sandbox.get("status") or {})
     generation = sandbox["metadata"].get("generation")
     writer = ConditionWriter(list(current.get("conditions") or []), generation, now)
     status: dict[str, Any] = {
         "expiresAt": None if expires_at is None else expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **(lifecycle or {}),
     }
     if generation is not None:
         status["observedGeneration"] = generation
+
+    def degraded_as_expected(message: str) -> None:
+        if warning is not None:
+            writer.put("Degraded", True, warning[0], warning[1])
+        else:
+            writer.put("Degraded", False, "AsExpected", message)
 
     if expired:
         status |= {"phase": "Terminating", "podName": None, "endpoint": None}
@@ -358,6 +389,35 @@ def sandbox_status(
         )
         status["conditions"] = writer.conditions
         return SandboxView(status, writer.events)
+
+    if not intent.run:
+        reason = intent.pause_reason or "Requested"
+        why = (
+            "idleTimeoutSeconds passed without a runtime call"
+            if reason == "IdleTimeout"
+            else ("spec.mode is Paused")
+        )
+        snapshot = status.get("snapshot") or current.get("snapshot") or {}
+        if pod is not None:
+            name = pod["metadata"]["name"]
+            status |= {"phase": "Pausing", "podName": name, "endpoint": None}
+            writer.put("Ready", False, "Pausing", f"{why}: snapshotting, then pod {name} goes")
+            writer.put("Paused", False, "Pausing", f"{why}; pod {name} is being freed")
+        else:
+            held = (
+                f"snapshot {snapshot['generation']} holds its state"
+                if snapshot.get("generation") is not None
+                else "no pod was started yet"
+            )
+            status |= {"phase": "Paused", "podName": None, "endpoint": None}
+            writer.put("Ready", False, "Paused", f"{why}; {held}")
+            writer.put("Paused", True, reason, f"{why}; {held}")
+        degraded_as_expected("paused as asked")
+        status["conditions"] = writer.conditions
+        # A pause is asked for: its own events (Pausing, Paused) say so, not a NotReady warning.
+        return SandboxView(
+            status, [e for e in _sandbox_events(writer.events) if e.reason != "NotReady"]
+        )
 
     if pod is None:
         final = problem is not None and problem[0] in ("InvalidSpec", "PodLost")
@@ -382,8 +442,11 @@ def sandbox_status(
         claim["claimedAt"] = format_ms(claimed_at)
     previous = current.get("claim") or {}
     same_pod = current.get("podName") == meta["name"]
+    if get_condition(current.get("conditions"), "Paused") is not None:
+        writer.put("Paused", False, "Running", "the sandbox runs")
 
-    ready = is_ready(pod) and is_live(pod)
+    restoring = source == "Resume" and not annotations.get(ANNOTATION_RESTORED)
+    ready = is_ready(pod) and is_live(pod) and not restoring
     ip = pod.get("status", {}).get("podIP")
     port = pod.get("spec", {}).get("runtimePort") or runtime_port
     if ready:
@@ -391,14 +454,15 @@ def sandbox_status(
             claim["latencyMs"] = previous["latencyMs"]
         else:
             # Ready is when a reconcile first sees the pod bound and ready: for a warm claim
-            # right after the claim's patch returned, for a cold start on the pod's Ready.
+            # right after the claim's patch returned, for a cold start on the pod's Ready,
+            # for a resume once the snapshot is restored.
             claim["latencyMs"] = max(0, round((now - created).total_seconds() * 1000))
         status |= {
             "phase": "Ready",
             "endpoint": f"{ip}:{port}" if ip and port else None,
         }
         writer.put("Ready", True, "RuntimeReady", f"pod {meta['name']} is ready")
-        writer.put("Degraded", False, "AsExpected", "the sandbox runs as asked")
+        degraded_as_expected("the sandbox runs as asked")
     elif not is_live(pod):
         reason = "PodLost"
         message = (
@@ -411,12 +475,16 @@ def sandbox_status(
         writer.put("Degraded", True, reason, message)
     else:
         pending = unschedulable_message([pod])
-        status |= {"phase": "Pending" if pending else "Starting", "endpoint": None}
-        writer.put("Ready", False, "PodStarting", f"pod {meta['name']} is starting")
+        phase = "Resuming" if source == "Resume" else "Starting"
+        status |= {"phase": "Pending" if pending else phase, "endpoint": None}
+        if restoring and is_ready(pod):
+            writer.put("Ready", False, "Restoring", f"restoring the snapshot into {meta['name']}")
+        else:
+            writer.put("Ready", False, "PodStarting", f"pod {meta['name']} is starting")
         if pending is not None:
             writer.put("Degraded", True, "Unschedulable", pending)
         else:
-            writer.put("Degraded", False, "AsExpected", "the sandbox's pod is starting")
+            degraded_as_expected("the sandbox's pod is starting")
     status["claim"] = claim
     status["conditions"] = writer.conditions
     return SandboxView(status, _sandbox_events(writer.events))
