@@ -48,6 +48,9 @@ DENIED = [
     ("create", "pods", "exec", ""),  # sandbox pods are created, never exec'd into
     ("update", "pods", "ephemeralcontainers", ""),
     ("update", "pods", "", ""),
+    ("delete", "persistentvolumeclaims", "", ""),  # they go with their sandbox (GC)
+    ("list", "persistentvolumeclaims", "", ""),
+    ("create", "persistentvolumes", "", ""),
     ("create", "agentsandboxes.kleave.dev", "", ""),
     ("patch", "agentsandboxes.kleave.dev", "", ""),
     ("patch", "sandboxtemplates.kleave.dev", "", ""),

@@ -284,6 +284,15 @@ def test_extra_environment_needs_a_cold_start() -> None:
     )
     reason = cold_start_reason(extra, template)
     assert reason is not None and "TASK" in reason
+    bigger = AgentSandboxSpec.model_validate(
+        {"warmPoolRef": {"name": "pool"}, "persistence": {"size": "20Gi"}}
+    )
+    reason = cold_start_reason(bigger, template)
+    assert reason is not None and "spec.persistence" in reason
+    same_volume = AgentSandboxSpec.model_validate(
+        {"warmPoolRef": {"name": "pool"}, "persistence": {"enabled": True}}
+    )
+    assert cold_start_reason(same_volume, template) is None
 
 
 # -- lifetimes ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from kleave.operator.sandbox_builder import (
     pool_selector,
     selector_string,
 )
-from kleave.operator.sandbox_pause import RUN, Intent
+from kleave.operator.sandbox_pause import RUN, Intent, persistence_of
 
 _KEPT_ANNOTATIONS = (
     ANNOTATION_CLAIM_SOURCE,
@@ -288,12 +288,15 @@ def cold_start_reason(sandbox: AgentSandboxSpec, template: SandboxTemplateSpec) 
     """Why a sandbox naming a warm pool cannot adopt a warm pod, if it cannot.
 
     A running pod's environment cannot change, so variables the sandbox adds to the
-    template's need a pod started for it.
+    template's need a pod started for it; nor can its volumes, so a sandbox whose persistence
+    differs from the template's (no volume, another size or class) gets its own pod too.
     """
     taken = {e.name for e in template.env}
     extra = sorted(e.name for e in sandbox.env if e.name not in taken)
     if extra:
         return f"spec.env adds {', '.join(extra)}, which the pool's running pods cannot get"
+    if persistence_of(sandbox, template) != template.persistence:
+        return "spec.persistence differs from the template's, and a pod's volumes are fixed"
     return None
 
 
