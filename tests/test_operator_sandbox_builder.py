@@ -28,11 +28,11 @@ from kleave.operator.sandbox_builder import (
     build_network_policy,
     build_pod,
     build_state_claim,
+    policy_document,
     pool_claim_name,
+    pool_selector,
     resume_pod_name,
     sandbox_claim_name,
-    policy_document,
-    pool_selector,
     selector_string,
     template_hash,
 )
