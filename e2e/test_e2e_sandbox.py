@@ -40,7 +40,8 @@ TWO_NAMESPACE = "sandbox-two-operators"
 NAMESPACES = (NAMESPACE, RACE_NAMESPACE, TWO_NAMESPACE)
 
 
-def template_manifest(name: str, namespace: str) -> str:
+def template_manifest(name: str, namespace: str, *, persistence: bool = True) -> str:
+    """With persistence each pool pod gets a claim (the dev cluster's kleave-local class)."""
     return f"""
 apiVersion: kleave.dev/v1alpha1
 kind: SandboxTemplate
@@ -58,6 +59,7 @@ spec:
         ports: [{{port: 443}}]
   tools: {{allowedCommands: [python3, ls]}}
   lifetime: {{maxLifetimeSeconds: 3600}}
+  persistence: {{enabled: {"true" if persistence else "false"}}}
   nodeSelector: {{{NODE_LABEL}: "true"}}
   tolerations:
     - {{key: {TAINT_KEY}, operator: Exists, effect: NoSchedule}}
@@ -252,6 +254,18 @@ def test_warm_pool_of_ten_claims_warm_then_cold_with_isolated_pods(
         assert sandbox["status"]["endpoint"] == f"{pod['status']['podIP']}:8080"
         assert sandbox["status"]["templateHash"] == template_hash
         assert _conditions(sandbox)["Ready"]["status"] == "True"
+        assert sandbox["status"]["volumeClaimName"] == f"{pod['metadata']['name']}-state"
+
+    # Each adopted pod's claim moves to its sandbox (the pause would otherwise lose it).
+    def claims_owned() -> bool:
+        for sandbox in sandboxes:
+            pvc = cluster.get_json("pvc", sandbox["status"]["volumeClaimName"], "-n", NAMESPACE)
+            [owner] = pvc["metadata"]["ownerReferences"]
+            if owner["uid"] != sandbox["metadata"]["uid"]:
+                return False
+        return True
+
+    wait_for(claims_owned, 30, "every claim owned by its sandbox")
 
     # The pool refills to 10 unclaimed sandboxes and counts the claims.
     wait_for(lambda: _pool_ready(cluster, NAMESPACE, "coder", 10), 60, "the pool refilled")
@@ -283,6 +297,7 @@ def test_warm_pool_of_ten_claims_warm_then_cold_with_isolated_pods(
     )
     assert eleventh["status"]["claim"]["source"] == "Cold"
     assert eleventh["status"]["podName"] == "agent-10"
+    assert eleventh["status"]["volumeClaimName"] == "agent-10-state"
     print(_report("cold start latency (kwok)", [int(eleventh["status"]["claim"]["latencyMs"])]))
     events = _items(cluster, "events", NAMESPACE, "--field-selector=involvedObject.name=agent-10")
     assert "ColdStarted" in [e["reason"] for e in events]
@@ -350,7 +365,7 @@ def test_a_thousand_concurrent_claims_against_a_pool_of_100(
 ) -> None:
     cluster = sandbox_cluster
     ns = RACE_NAMESPACE
-    cluster.apply(template_manifest("race", ns))
+    cluster.apply(template_manifest("race", ns, persistence=False))  # claims, not volumes
     cluster.apply(pool_manifest("race", ns, "race", 100))
     started = time.monotonic()
     wait_for(lambda: _pool_ready(cluster, ns, "race", 100), 180, "100 warm sandboxes")
@@ -432,7 +447,7 @@ def test_two_operators_racing_for_the_same_pods_never_share_one(
     """
     cluster = sandbox_cluster
     ns = TWO_NAMESPACE
-    cluster.apply(template_manifest("two", ns))
+    cluster.apply(template_manifest("two", ns, persistence=False))
     cluster.apply(pool_manifest("two", ns, "two", 50))
     wait_for(lambda: _pool_ready(cluster, ns, "two", 50), 120, "50 warm sandboxes")
     second = Operator(cluster, tmp_path)
