@@ -324,3 +324,66 @@ class KubeApi:
             body=dict(patch),
             content_type="application/merge-patch+json",
         )
+
+    async def watch(
+        self,
+        rt: ResourceType,
+        *,
+        namespace: str | None = None,
+        resource_version: str = "",
+        field_selector: str = "",
+        label_selector: str = "",
+        timeout_seconds: int = 60,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One watch request: its events (``{"type", "object"}``) until the server ends it.
+
+        Bookmarks are asked for, so a quiet watch still advances ``resourceVersion``. A
+        resourceVersion too old to watch from (410 Gone, as an error status or as an ``ERROR``
+        event) raises :class:`ApiError` with status 410: the caller lists again. Lines are
+        split here rather than by aiohttp's ``readline``, which refuses lines over 64 KiB.
+        """
+        params = {
+            "watch": "1",
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_seconds),
+        }
+        for key, value in (
+            ("resourceVersion", resource_version),
+            ("fieldSelector", field_selector),
+            ("labelSelector", label_selector),
+        ):
+            if value:
+                params[key] = value
+        session = await self._http()
+        # The session's 60 s total would cut every watch short; only a silent stream is an error.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=timeout_seconds + 30)
+        async with session.get(
+            self._base + rt.path(namespace),
+            params=params,
+            headers=self._headers(None),
+            timeout=timeout,
+        ) as response:
+            if response.status >= 400:
+                text = await response.text()
+                payload: Any = json.loads(text) if text.startswith("{") else {}
+                raise ApiError(
+                    response.status,
+                    str(payload.get("reason", response.reason or "")),
+                    str(payload.get("message", text)),
+                )
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    if event.get("type") == "ERROR":
+                        status = event.get("object") or {}
+                        raise ApiError(
+                            int(status.get("code", 500)),
+                            str(status.get("reason", "")),
+                            str(status.get("message", "watch error")),
+                        )
+                    yield event
