@@ -90,6 +90,16 @@ def dev_cluster_up(
     )
 
 
+def _register_dev_cluster_tools() -> None:
+    """`dev-cluster local-node` lives next to the node it runs."""
+    from kleave.devcluster.local_node_cli import local_node_command
+
+    dev_cluster.add_command(local_node_command)
+
+
+_register_dev_cluster_tools()
+
+
 @dev_cluster.command("build")
 def dev_cluster_build() -> None:
     """Build the pinned control-plane binaries into the cache (skips what is built)."""
