@@ -34,11 +34,15 @@ def test_gpu_nodes_are_ready_with_gpu_allocatable(cluster: Cluster) -> None:
     for node in nodes:
         ready = {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"]
         assert ready == "True", node["metadata"]["name"]
+        if node["metadata"]["labels"].get("kleave.dev/local-node") == "true":
+            continue  # the local node (e2e/test_e2e_local_node.py) runs pods, has no GPUs
         product = node["metadata"]["labels"].get("nvidia.com/gpu.product", "cpu")
         by_product[product] = by_product.get(product, 0) + 1
         if product != "cpu":
             assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
     assert by_product == {"H100-SXM": 4, "H20": 4, "cpu": 2}
+    local = [n["metadata"]["name"] for n in nodes if n["metadata"]["labels"]["type"] == "local"]
+    assert local == ["kleave-local-0"]
 
 
 def test_gpu_pods_are_scheduled_onto_the_right_gpu_and_run(cluster: Cluster) -> None:
@@ -64,7 +68,8 @@ def test_status_and_kubeconfig_commands(cluster: Cluster) -> None:
         [tool("kleave"), "dev-cluster", "status", flag], capture_output=True, text=True, check=False
     )
     assert status.returncode == 0, status.stdout + status.stderr
-    assert "nodes:      10/10 Ready" in status.stdout
+    assert "nodes:      11/11 Ready" in status.stdout  # 10 fake nodes and the local node
+    assert "local-node" in status.stdout
     path = subprocess.run(
         [tool("kleave"), "dev-cluster", "kubeconfig", flag],
         capture_output=True,

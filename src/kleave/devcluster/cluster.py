@@ -1,12 +1,15 @@
 """The local control plane: `up` builds what is missing, starts etcd, kube-apiserver,
-kube-controller-manager, kube-scheduler and kwok on 127.0.0.1, writes a kubeconfig and creates
-fake GPU nodes; `down` stops every process and removes the state directory."""
+kube-controller-manager, kube-scheduler, kwok and the local node (which runs sandbox pods as
+processes and provisions volumes) on 127.0.0.1, writes a kubeconfig and creates fake GPU nodes;
+`down` stops every process, the local node's pod processes too, and removes the state
+directory."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,6 +21,9 @@ import httpx
 from kleave.devcluster import kubeconfig, pki, processes
 from kleave.devcluster.build import Builder, Progress
 from kleave.devcluster.errors import DevClusterError, PortInUseError, StaleStateError, StartupError
+from kleave.devcluster.local_node import DEFAULT_NAME as LOCAL_NODE_NAME
+from kleave.devcluster.local_node import DEFAULT_POD_CIDR as LOCAL_POD_CIDR
+from kleave.devcluster.local_volumes import STORAGE_CLASS_NAME
 from kleave.devcluster.nodes import (
     DEFAULT_NODE_GROUPS,
     NodeGroup,
@@ -107,6 +113,11 @@ class DevCluster:
     @property
     def kubeconfig_path(self) -> Path:
         return self.state_dir / "kubeconfig"
+
+    @property
+    def local_node_root(self) -> Path:
+        """The local node's pods' volumes and logs, and the provisioned volumes."""
+        return self.state_dir / "local-node"
 
     @property
     def _state_path(self) -> Path:
@@ -321,8 +332,25 @@ class DevCluster:
             _answers_ok(f"http://127.0.0.1:{p['kwok']}/healthz"),
             timeout,
         )
+        self._launch(
+            state,
+            "local-node",
+            [
+                sys.executable,
+                "-m",
+                "kleave",
+                "dev-cluster",
+                "local-node",
+                f"--kubeconfig={configs['local-node']}",
+                f"--name={LOCAL_NODE_NAME}",
+                f"--root={self.local_node_root}",
+                f"--pod-cidr={LOCAL_POD_CIDR}",
+            ],
+            lambda _client: self._local_node_ready(state),
+            timeout,
+        )
         self.progress(f"==> creating {sum(g.count for g in groups)} fake nodes")
-        state.nodes = _create_nodes(self.kubeconfig_path, groups, timeout)
+        state.nodes = [*_create_nodes(self.kubeconfig_path, groups, timeout), LOCAL_NODE_NAME]
         state.phase = "Running"
         state.save(self._state_path)
         self.progress(f"==> dev cluster up at {state.server}")
@@ -369,6 +397,23 @@ class DevCluster:
         except (httpx.HTTPError, OSError):
             return False
         return response.status_code == 200
+
+    def _local_node_ready(self, state: ClusterState) -> bool:
+        """The local node is up once its Node is Ready and its StorageClass exists."""
+        token = pki.Pki(self.state_dir / "pki").token("admin")
+        verify = ssl.create_default_context(cafile=str(self.state_dir / "pki" / "ca.crt"))
+        with httpx.Client(
+            base_url=state.server,
+            headers={"Authorization": f"Bearer {token}"},
+            verify=verify,
+            timeout=2.0,
+        ) as client:
+            node = client.get(f"/api/v1/nodes/{LOCAL_NODE_NAME}")
+            storage = client.get(f"/apis/storage.k8s.io/v1/storageclasses/{STORAGE_CLASS_NAME}")
+        if node.status_code != 200 or storage.status_code != 200:
+            return False
+        conditions = node.json().get("status", {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
     def _abort(self) -> None:
         """A failed start leaves no process behind; logs stay for the error message."""

@@ -1,5 +1,5 @@
 """Credentials for a local cluster: a CA, the API server's serving cert, service-account keys,
-and bearer tokens for each client (admin, controller-manager, scheduler, kwok)."""
+and bearer tokens for each client (admin, controller-manager, scheduler, kwok, local node)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ CLIENT_IDENTITIES: dict[str, tuple[str, str]] = {
     "controller-manager": ("system:kube-controller-manager", ""),
     "scheduler": ("system:kube-scheduler", ""),
     "kwok": ("kwok-controller", "system:masters"),
+    # The local node creates PVs and a StorageClass, besides a kubelet's rights; RBAC only
+    # (no Node authorizer) would otherwise need a bespoke role for a dev-only component.
+    "local-node": ("kleave-local-node", "system:masters"),
 }
 
 
