@@ -42,6 +42,7 @@ DENIED = [
     ("get", "secrets", "", ""),
     ("list", "secrets", "", ""),
     ("watch", "secrets", "", ""),
+    ("delete", "secrets", "", ""),
     ("create", "inferencedeployments.kleave.dev", "", ""),
     ("delete", "inferencedeployments.kleave.dev", "", ""),
     ("update", "inferencedeployments.kleave.dev", "", ""),
@@ -174,6 +175,27 @@ def test_deployment_runs_two_leader_elected_hardened_replicas(
     ]
 
 
+def test_the_runtime_token_key_is_a_kept_secret_mounted_read_only(
+    rendered: list[dict[str, Any]],
+) -> None:
+    [secret] = of_kind(rendered, "Secret")
+    assert secret["metadata"]["name"] == "kleave-runtime-token-key"
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(base64.b64decode(secret["data"]["key"])) >= 32
+    deployment = one(rendered, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    key = _flag([*container["command"], *container["args"]], "--runtime-token-key-file")
+    assert key == "/etc/kleave-operator/runtime-token.key"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["runtime-token-key"]["secret"]["secretName"] == "kleave-runtime-token-key"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["runtime-token-key"]["readOnly"] is True
+    own = render("--set", "sandbox.runtimeTokenKey.existingSecret=mine")
+    assert not of_kind(own, "Secret")
+    volumes = {v["name"]: v for v in one(own, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["runtime-token-key"]["secret"]["secretName"] == "mine"
+
+
 def test_every_object_carries_the_standard_labels(rendered: list[dict[str, Any]]) -> None:
     for doc in rendered:
         if doc["kind"] == "CustomResourceDefinition":
@@ -191,7 +213,8 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
     for rule in rules:
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[key], rule
-        assert "secrets" not in rule["resources"], rule
+        if "secrets" in rule["resources"]:  # sandbox tokens: written, never read
+            assert rule["resources"] == ["secrets"] and rule["verbs"] == ["create", "patch"]
         assert "leases" not in rule["resources"], "leases belong in the namespaced Role"
     [lease_rule] = one(rendered, "Role")["rules"]
     assert lease_rule == {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -28,6 +29,7 @@ from kleave.operator.sandbox_builder import (
     build_network_policy,
     build_pod,
     build_state_claim,
+    build_token_secret,
     policy_document,
     pool_claim_name,
     pool_selector,
@@ -36,7 +38,9 @@ from kleave.operator.sandbox_builder import (
     selector_string,
     template_hash,
 )
+from kleave.operator.sandbox_tokens import PodToken, RuntimeTokens, digest
 
+TOKEN = PodToken(nonce="n0", digest="d" * 64)
 TEMPLATE: dict[str, Any] = {
     "apiVersion": "kleave.dev/v1alpha1",
     "kind": "SandboxTemplate",
@@ -66,6 +70,7 @@ def pool_pod(template: SandboxTemplateSpec | None = None) -> dict[str, Any]:
         template,
         PodOwner(POOL, pool="coder-pool"),
         name="coder-pool-x7k2q",
+        token=TOKEN,
         claim_name=claim,
     )
 
@@ -101,7 +106,7 @@ def test_volumes_workspace_state_tmp_and_the_policy_file() -> None:
     assert volumes["workspace"] == {"name": "workspace", "emptyDir": {"sizeLimit": "2Gi"}}
     assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "64Mi"}
     assert volumes["state"]["emptyDir"] == {}
-    [item] = volumes["policy"]["downwardAPI"]["items"]
+    item, _token = volumes["policy"]["downwardAPI"]["items"]
     assert item["fieldRef"]["fieldPath"] == f"metadata.annotations['{ANNOTATION_TOOL_POLICY}']"
     [container] = body["containers"]
     mounts = {m["name"]: m for m in container["volumeMounts"]}
@@ -161,6 +166,7 @@ def test_limits_requests_scheduling_and_env() -> None:
         template,
         PodOwner(SANDBOX, sandbox="task-1"),
         name="task-1",
+        token=TOKEN,
         extra_env=[EnvVar(name="A", value="sandbox"), EnvVar(name="B", value="b")],
     )
     body = pod["spec"]
@@ -196,6 +202,7 @@ def test_labels_and_owner_of_pool_and_cold_pods() -> None:
         template,
         PodOwner(SANDBOX, sandbox="task-1"),
         name="task-1",
+        token=TOKEN,
         claim_name="coder-pool-x7k2q-state",
     )
     meta = cold["metadata"]
@@ -206,7 +213,7 @@ def test_labels_and_owner_of_pool_and_cold_pods() -> None:
     assert cold["spec"] == pooled["spec"]  # same template and claim, same pod
 
     with pytest.raises(ValueError, match="exactly one"):
-        build_pod(TEMPLATE, template, PodOwner(SANDBOX), name="x")
+        build_pod(TEMPLATE, template, PodOwner(SANDBOX), name="x", token=TOKEN)
 
 
 def test_persistence_mounts_the_claim_where_the_runtime_writes_snapshots() -> None:
@@ -362,3 +369,28 @@ def test_baseline_policy_denies_all_but_dns_for_every_sandbox_pod() -> None:
     assert dns["ports"][0]["port"] == 53
     labels = pool_pod()["metadata"]["labels"]
     assert all(labels[k] == v for k, v in body["podSelector"]["matchLabels"].items())
+
+
+def test_pods_carry_a_token_digest_never_the_token() -> None:
+    tokens = RuntimeTokens(b"k" * 32)
+    issued = tokens.issue("ns", "coder-pool-x7k2q")
+    pod = build_pod(
+        TEMPLATE, spec(), PodOwner(POOL, pool="coder-pool"), name="coder-pool-x7k2q", token=issued
+    )
+    token = tokens.for_pod(pod)
+    assert token is not None and digest(token) == issued.digest
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["kleave.dev/runtime-token-sha256"] == issued.digest
+    assert token not in json.dumps(pod)
+    [container] = pod["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--token-sha256-file") + 1] == "/etc/kleave/token.sha256"
+    [policy] = [v for v in pod["spec"]["volumes"] if v["name"] == "policy"]
+    assert {i["path"] for i in policy["downwardAPI"]["items"]} == {"policy.json", "token.sha256"}
+    # Another pod of the same name (a later sandbox) gets another nonce, so another token.
+    again = tokens.issue("ns", "coder-pool-x7k2q")
+    assert again.nonce != issued.nonce and again.digest != issued.digest
+    secret = build_token_secret(SANDBOX, token, "coder-pool-x7k2q")
+    assert secret["metadata"]["name"] == "task-1-runtime-token"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "s-uid"
+    assert base64.b64decode(secret["data"]["token"]).decode() == token

@@ -37,6 +37,7 @@ from kleave.operator.sandbox_controllers import (
     ClaimConflictError,
     SandboxControllers,
 )
+from kleave.operator.sandbox_tokens import RuntimeTokens
 from kleave.operator.workqueue import WorkQueue
 
 Obj = dict[str, Any]
@@ -184,7 +185,10 @@ def sandbox(name: str, *, pool_ref: str | None = "pool", **spec: Any) -> Obj:
 class Harness:
     def __init__(self) -> None:
         self.kube = FakeKube()
-        self.ctl = SandboxControllers(self.kube)  # type: ignore[arg-type]
+        self.ctl = SandboxControllers(
+            self.kube,  # type: ignore[arg-type]
+            tokens=RuntimeTokens(b"k" * 32),
+        )
         self.ctl.queue = WorkQueue()
 
     def add(self, rt: ResourceType, obj: Obj) -> Obj:

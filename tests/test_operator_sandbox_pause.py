@@ -9,6 +9,7 @@ really restores into a fresh workspace what the pause wrote.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import socket
@@ -24,8 +25,15 @@ from kleave.api.agent_sandbox import AgentSandboxSpec
 from kleave.api.sandbox_policy import ToolPolicy
 from kleave.api.sandbox_template import SandboxTemplateSpec
 from kleave.operator import sandbox_pause
-from kleave.operator.kube import AGENT_SANDBOX, PERSISTENT_VOLUME_CLAIM, POD, SANDBOX_TEMPLATE
+from kleave.operator.kube import (
+    AGENT_SANDBOX,
+    PERSISTENT_VOLUME_CLAIM,
+    POD,
+    SANDBOX_TEMPLATE,
+    SECRET,
+)
 from kleave.operator.naming import ANNOTATION_RESTORED, ANNOTATION_RESUME_REQUESTED
+from kleave.operator.sandbox_tokens import digest
 from kleave.sandbox.runtime import RuntimeConfig, SandboxRuntime
 from kleave.sandbox.server import start_server
 from test_operator_sandbox_controllers import NS, Harness, template
@@ -40,19 +48,22 @@ def _free_port() -> int:
 
 
 class Pod:
-    """One sandbox pod's runtime: a fresh workspace and state dir, the claim's snapshots."""
+    """One sandbox pod's runtime: a fresh workspace and state dir, the claim's snapshots,
+    and the token digest its pod annotation carries (as the pod's projected file would)."""
 
-    def __init__(self, root: Path, claim: Path, port: int) -> None:
+    def __init__(self, root: Path, claim: Path, port: int, token: str) -> None:
         self.runtime = SandboxRuntime(
             RuntimeConfig(
                 workspace=root / "workspace",
                 state_dir=root / "state",
                 snapshot_dir=claim,
                 policy=ToolPolicy.model_validate({"allowedCommands": ["ls"]}),
+                token_sha256=digest(token),
                 audit_fsync=False,
             )
         )
         self.port = port
+        self.token = token
         self.runner: Any = None
 
     async def start(self) -> None:
@@ -67,8 +78,9 @@ class Pod:
         self.runtime.close()
 
     async def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.token}"}
         async with (
-            aiohttp.ClientSession() as http,
+            aiohttp.ClientSession(headers=headers) as http,
             http.request(method, f"http://127.0.0.1:{self.port}{path}", **kwargs) as response,
         ):
             assert response.status < 300, await response.text()
@@ -86,7 +98,9 @@ class World:
         self.pods: list[Pod] = []
 
     async def start_pod(self, name: str) -> Pod:
-        pod = Pod(self.tmp / name, self.claim, self.port)
+        token = self.h.ctl.tokens.for_pod(self.h.get(POD, name))
+        assert token is not None
+        pod = Pod(self.tmp / name, self.claim, self.port, token)
         await pod.start()
         self.pods.append(pod)
         obj = self.h.get(POD, name)
@@ -204,6 +218,10 @@ def test_pause_snapshots_to_the_claim_and_resume_restores_into_a_fresh_pod(
         assert world.h.get(POD, "s0-r1")["metadata"]["annotations"][ANNOTATION_RESTORED] == "1"
         assert _conditions(status)["Degraded"]["status"] == "False"
         assert await second.call("GET", "/v1/files?path=notes/plan.md") == b"step 1\n"
+        # The sandbox's users find its current pod's token in its Secret.
+        secret = world.h.get(SECRET, status["tokenSecretName"])
+        assert base64.b64decode(secret["data"]["token"]).decode() == second.token
+        assert base64.b64decode(secret["data"]["pod"]).decode() == "s0-r1"
         # The audit log came back with the workspace: the entry of the write is in it.
         log = [json.loads(line) for line in (await second.call("GET", "/v1/audit")).splitlines()]
         assert any(e["action"] == "file.write" for e in log)

@@ -135,6 +135,33 @@ def test_health_needs_no_token_but_everything_else_does(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
+def test_a_token_digest_authenticates_without_the_token_in_the_pod(tmp_path: Path) -> None:
+    import hashlib
+
+    async def main() -> None:
+        runtime = SandboxRuntime(
+            RuntimeConfig(
+                workspace=tmp_path / "workspace",
+                state_dir=tmp_path / "state",
+                policy=ToolPolicy(),
+                token_sha256=hashlib.sha256(TOKEN.encode()).hexdigest(),
+                audit_fsync=False,
+            )
+        )
+        runner, port = await start_server(runtime, "127.0.0.1", 0)
+        try:
+            async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}") as http:
+                for presented, expected in ((TOKEN, 200), ("wrong", 401), ("", 401)):
+                    headers = {"Authorization": f"Bearer {presented}"}
+                    async with http.get("/v1/files/list", headers=headers) as response:
+                        assert response.status == expected, presented
+        finally:
+            await runner.cleanup()
+            runtime.close()
+
+    asyncio.run(main())
+
+
 def test_health_reports_agent_activity_but_not_the_operators_calls(tmp_path: Path) -> None:
     async def health(client: Client) -> dict[str, Any]:
         async with client.http.get("/healthz") as response:

@@ -254,6 +254,14 @@ def operator() -> None:
     default=None,
     help="Kubeconfig to use [default: in-cluster, then $KUBECONFIG / ~/.kube/config].",
 )
+@click.option(
+    "--runtime-token-key-file",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Key the sandbox pods' runtime tokens are derived from (32+ bytes; every replica "
+    "needs the same) [default: $KLEAVE_RUNTIME_TOKEN_KEY_FILE, else "
+    "~/.config/kleave/runtime-token.key, created if missing].",
+)
 def operator_run(
     *,
     namespaces: tuple[str, ...],
@@ -269,6 +277,7 @@ def operator_run(
     leader_election_namespace: str | None,
     leader_election_id: str,
     kubeconfig: str | None,
+    runtime_token_key_file: str | None,
 ) -> None:
     """Run the operator: reconcile kleave's resources; serve /healthz, /readyz and /metrics."""
     import os
@@ -282,6 +291,14 @@ def operator_run(
     if kubeconfig:
         # Before the kubernetes client is imported: it reads $KUBECONFIG at import time.
         os.environ["KUBECONFIG"] = kubeconfig
+    from kleave.operator.sandbox_tokens import KEY_FILE_ENV, TokenKeyError, load_key
+
+    if runtime_token_key_file:
+        os.environ[KEY_FILE_ENV] = runtime_token_key_file
+    try:
+        load_key()  # a bad key is a clear error now, not a traceback once kopf runs
+    except TokenKeyError as error:
+        _fail(error)
 
     from kleave.operator.leader import LostLeadership
     from kleave.operator.runtime import OperatorStartupError, run

@@ -354,6 +354,14 @@ class AgentSandboxStatus(StatusModel):
             "sandbox, deleted with it); none without persistence."
         ),
     )
+    token_secret_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description=(
+            "The Secret (key token) holding the bearer token of the sandbox's current pod: "
+            "every runtime call but /healthz needs it. It changes with the pod (resume)."
+        ),
+    )
     idle_paused_at: Timestamp = Field(
         default=None,
         description=(

@@ -26,6 +26,8 @@ ANNOTATION_CLAIMED_AT = "kleave.dev/claimed-at"
 ANNOTATION_CLAIMED_FROM = "kleave.dev/claimed-from"  # the warm pool of a Warm claim
 ANNOTATION_RESTORED = "kleave.dev/restored-generation"  # on a resumed pod, once restored
 ANNOTATION_RESUME_REQUESTED = "kleave.dev/resume-requested"  # on an AgentSandbox, by its user
+ANNOTATION_TOKEN_NONCE = "kleave.dev/runtime-token-nonce"  # the pod's token = HMAC(key, ...)
+ANNOTATION_TOKEN_SHA256 = "kleave.dev/runtime-token-sha256"  # what the runtime checks against
 COMPONENT_SANDBOX = "sandbox"
 
 COMPONENT_WORKER = "worker"

@@ -49,6 +49,7 @@ from kleave.operator.kube import (
     RUNTIME_CLASS,
     SANDBOX_TEMPLATE,
     SANDBOX_WARM_POOL,
+    SECRET,
     ApiError,
     KubeApi,
     ResourceType,
@@ -71,6 +72,7 @@ from kleave.operator.sandbox_builder import PodOwner, TemplateError
 from kleave.operator.sandbox_decisions import format_ms, label, parse_time, slim_sandbox_pod
 from kleave.operator.sandbox_pause import Intent
 from kleave.operator.sandbox_runtime_api import RuntimeApi, RuntimeCallError
+from kleave.operator.sandbox_tokens import RuntimeTokens, load_key
 from kleave.operator.store import Store, controller_uid
 
 logger = logging.getLogger("kleave.operator.sandbox")
@@ -233,10 +235,16 @@ class SandboxControllers(CachedController):
     log = logger
 
     def __init__(
-        self, api: KubeApi, *, workers: int = 32, runtime: RuntimeApi | None = None
+        self,
+        api: KubeApi,
+        *,
+        workers: int = 32,
+        runtime: RuntimeApi | None = None,
+        tokens: RuntimeTokens | None = None,
     ) -> None:
         super().__init__(api, workers=workers)
         self.runtime = runtime or RuntimeApi()
+        self.tokens = tokens or RuntimeTokens(load_key())
         self.recorder = EventRecorder(api)
         self.templates = Store("SandboxTemplate")
         self.pools = Store("SandboxWarmPool")
@@ -247,7 +255,8 @@ class SandboxControllers(CachedController):
         self._claims: dict[Key, int] = defaultdict(int)  # per pool, not yet in its status
         self._first_seen: dict[str, datetime] = {}  # sandbox uid -> first watch event
         self._claims_made: set[str] = set()  # "namespace/claim" known to exist
-        self._owned_claims: set[str] = set()  # "sandbox uid/claim" already re-owned
+        self._owned_claims: dict[str, str] = {}  # sandbox uid -> its claim, already re-owned
+        self._published: dict[str, str] = {}  # sandbox uid -> pod whose token its Secret holds
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -284,6 +293,9 @@ class SandboxControllers(CachedController):
             before_pod = self.pods.get(*SandboxPods.key_of(obj))
             if deleted:
                 self.pods.remove(obj)
+                meta = obj["metadata"]
+                claim = sandbox_builder.pool_claim_name(str(meta.get("name")))
+                self._claims_made.discard(f"{meta.get('namespace')}/{claim}")
                 after_pod: Obj | None = None
             else:
                 after_pod = self.pods.upsert(obj)
@@ -306,11 +318,21 @@ class SandboxControllers(CachedController):
         if kind == "AgentSandbox":
             uid = str(obj["metadata"].get("uid"))
             if deleted:
-                self._first_seen.pop(uid, None)
+                self._forget_sandbox(obj)
             elif before is None and not (obj.get("status") or {}).get("podName"):
                 self._first_seen.setdefault(uid, datetime.now(UTC))
         if self.queue is not None:
             self._enqueue_for(kind, obj, before, after)
+
+    def _forget_sandbox(self, sandbox: Mapping[str, Any]) -> None:
+        """Drop what the controllers remembered of a deleted sandbox (no unbounded growth)."""
+        meta = sandbox["metadata"]
+        uid = str(meta.get("uid"))
+        self._first_seen.pop(uid, None)
+        self._published.pop(uid, None)
+        self._owned_claims.pop(uid, None)
+        claim = sandbox_builder.sandbox_claim_name(str(meta.get("name")))
+        self._claims_made.discard(f"{meta.get('namespace')}/{claim}")
 
     def _enqueue_for_pod(self, pod: Mapping[str, Any]) -> None:
         namespace = str(pod["metadata"].get("namespace") or "")
@@ -627,7 +649,12 @@ class SandboxControllers(CachedController):
                         else None
                     )
                     pod = sandbox_builder.build_pod(
-                        template, spec, PodOwner(pool, pool=name), name=pod_name, claim_name=claim
+                        template,
+                        spec,
+                        PodOwner(pool, pool=name),
+                        name=pod_name,
+                        token=self.tokens.issue(namespace, pod_name),
+                        claim_name=claim,
                     )
                     try:
                         created = await self.api.create(POD, namespace, pod)
@@ -809,7 +836,10 @@ class SandboxControllers(CachedController):
                 step.lifecycle["volumeClaimName"] = claim
             if _restoring(pod) and sandbox_decisions.is_ready(pod):
                 pod = await self._restore(sandbox, pod, step, events)
-            elif sandbox_decisions.is_ready(pod) and not _restoring(pod):
+            if sandbox_decisions.is_ready(pod) and not _restoring(pod):
+                secret = await self._publish_token(sandbox, pod)
+                if secret is not None:
+                    step.lifecycle["tokenSecretName"] = secret
                 idle = (
                     0
                     if spec is None or template_spec is None
@@ -901,7 +931,7 @@ class SandboxControllers(CachedController):
                 return
             await self._own_claim(sandbox, claim)
             try:
-                answer = await self.runtime.snapshot(endpoint)
+                answer = await self.runtime.snapshot(endpoint, self.tokens.for_pod(pod))
             except RuntimeCallError as error:
                 step.warning = (
                     "SnapshotFailed",
@@ -934,11 +964,38 @@ class SandboxControllers(CachedController):
         why = "idle timeout" if intent.pause_reason == sandbox_pause.IDLE else "spec.mode Paused"
         events.append(Event("Normal", "Paused", f"{why}: pod {meta['name']} deleted"))
 
+    async def _publish_token(self, sandbox: Obj, pod: Obj) -> str | None:
+        """Put the token of the sandbox's current pod in its Secret, before it is Ready.
+
+        A Secret of the same name left by an earlier sandbox (garbage collection pending) is
+        taken over: the patch makes this sandbox its owner.
+        """
+        token = self.tokens.for_pod(pod)
+        if token is None:
+            return None
+        meta = sandbox["metadata"]
+        name = sandbox_builder.token_secret_name(meta["name"])
+        pod_name = str(pod["metadata"]["name"])
+        if self._published.get(str(meta["uid"])) == pod_name:
+            return name
+        body = sandbox_builder.build_token_secret(sandbox, token, pod_name)
+        try:
+            await self.api.create(SECRET, meta["namespace"], body)
+        except ApiError as error:
+            if error.status != 409:
+                raise
+            patch = {
+                "metadata": {"ownerReferences": body["metadata"]["ownerReferences"]},
+                "data": body["data"],
+            }
+            await self.api.merge_patch(SECRET, meta["namespace"], name, patch)
+        self._published[str(meta["uid"])] = pod_name
+        return name
+
     async def _own_claim(self, sandbox: Obj, claim: str) -> None:
         """Make the sandbox the owner of its claim (a warm pod's claim starts out the pod's)."""
         meta = sandbox["metadata"]
-        token = f"{meta['uid']}/{claim}"
-        if token in self._owned_claims:
+        if self._owned_claims.get(str(meta["uid"])) == claim:
             return
         pvc = await self.api.get(PERSISTENT_VOLUME_CLAIM, meta["namespace"], claim)
         if pvc is None:
@@ -952,7 +1009,7 @@ class SandboxControllers(CachedController):
                 }
             }
             await self.api.merge_patch(PERSISTENT_VOLUME_CLAIM, meta["namespace"], claim, patch)
-        self._owned_claims.add(token)
+        self._owned_claims[str(meta["uid"])] = claim
 
     async def _start_resume(
         self,
@@ -973,6 +1030,7 @@ class SandboxControllers(CachedController):
             template_spec,
             PodOwner(sandbox, sandbox=meta["name"]),
             name=pod_name,
+            token=self.tokens.issue(meta["namespace"], pod_name),
             claim_name=claim,
             extra_env=spec.env,
             annotations={
@@ -995,19 +1053,20 @@ class SandboxControllers(CachedController):
         if endpoint is None:
             step.requeue.append(RUNTIME_RETRY_S)
             return pod
+        token = self.tokens.for_pod(pod)
         try:
             try:
-                answer = await self.runtime.restore(endpoint, generation, fallback=False)
+                answer = await self.runtime.restore(endpoint, token, generation, fallback=False)
             except RuntimeCallError as error:
                 if not error.corrupt:
                     raise
-                answer = await self.runtime.restore(endpoint, generation, fallback=True)
+                answer = await self.runtime.restore(endpoint, token, generation, fallback=True)
                 step.warning = (
                     "RestoreFailed",
                     f"snapshot {generation} is corrupt ({error}); restored the previous good "
                     f"snapshot {answer.get('generation')} instead: work after it is lost",
                 )
-            verification = await self.runtime.verify_audit(endpoint, status.get("auditHead"))
+            verification = await self.runtime.verify_audit(endpoint, token, status.get("auditHead"))
         except RuntimeCallError as error:
             step.warning = ("RestoreFailed", f"restoring snapshot {generation} failed: {error}")
             step.requeue.append(RUNTIME_RETRY_S)
@@ -1072,7 +1131,7 @@ class SandboxControllers(CachedController):
         if endpoint is None:
             return False
         try:
-            health = await self.runtime.health(endpoint)
+            health = await self.runtime.health(endpoint, self.tokens.for_pod(pod))
         except RuntimeCallError as error:
             logger.info("idle check of %s: %s", pod["metadata"]["name"], error)
             step.requeue.append(RUNTIME_RETRY_S)
@@ -1155,6 +1214,7 @@ class SandboxControllers(CachedController):
             template_spec,
             PodOwner(sandbox, sandbox=name),
             name=name,
+            token=self.tokens.issue(sandbox["metadata"]["namespace"], name),
             claim_name=claim,
             extra_env=spec.env,
             annotations={

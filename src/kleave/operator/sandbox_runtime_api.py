@@ -48,16 +48,15 @@ class Health:
 
 
 class RuntimeApi:
-    """An HTTP client for sandbox runtimes, one session shared by every sandbox."""
+    """An HTTP client for sandbox runtimes, one session shared by every sandbox; each call
+    carries the bearer token of the pod it goes to."""
 
-    def __init__(self, token: str | None = None) -> None:
-        self._token = token
+    def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
 
     async def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-            self._session = aiohttp.ClientSession(headers=headers)
+            self._session = aiohttp.ClientSession()
         return self._session
 
     async def close(self) -> None:
@@ -70,9 +69,9 @@ class RuntimeApi:
         endpoint: str,
         path: str,
         *,
+        token: str | None,
         timeout: float,
         body: dict[str, Any] | None = None,
-        params: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         url = _base_url(endpoint) + path
         session = await self._http()
@@ -81,7 +80,7 @@ class RuntimeApi:
                 method,
                 url,
                 json=body,
-                params=params,
+                headers=_auth(token),
                 timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0)),
             ) as response:
                 payload: Any = await response.json(content_type=None)
@@ -100,8 +99,8 @@ class RuntimeApi:
             raise RuntimeCallError(f"{method} {url}: the runtime answered {payload!r:.200}")
         return payload
 
-    async def health(self, endpoint: str) -> Health:
-        body = await self._call("GET", endpoint, "/healthz", timeout=HEALTH_TIMEOUT_S)
+    async def health(self, endpoint: str, token: str | None) -> Health:
+        body = await self._call("GET", endpoint, "/healthz", token=token, timeout=HEALTH_TIMEOUT_S)
         raw = body.get("lastActivity")
         return Health(
             last_activity=_parse(raw) if isinstance(raw, str) else None,
@@ -109,17 +108,23 @@ class RuntimeApi:
             audit_head=body.get("auditHead") if isinstance(body.get("auditHead"), dict) else None,
         )
 
-    async def snapshot(self, endpoint: str) -> dict[str, Any]:
+    async def snapshot(self, endpoint: str, token: str | None) -> dict[str, Any]:
         """Write a snapshot; the runtime's answer (generation, path, sha256, sizeBytes, ...)."""
-        return await self._call("POST", endpoint, "/v1/snapshot", timeout=SNAPSHOT_TIMEOUT_S)
-
-    async def restore(self, endpoint: str, generation: int, *, fallback: bool) -> dict[str, Any]:
-        body = {"generation": generation, "fallback": fallback}
         return await self._call(
-            "POST", endpoint, "/v1/restore", body=body, timeout=RESTORE_TIMEOUT_S
+            "POST", endpoint, "/v1/snapshot", token=token, timeout=SNAPSHOT_TIMEOUT_S
         )
 
-    async def verify_audit(self, endpoint: str, anchor: dict[str, Any] | None) -> AuditVerification:
+    async def restore(
+        self, endpoint: str, token: str | None, generation: int, *, fallback: bool
+    ) -> dict[str, Any]:
+        body = {"generation": generation, "fallback": fallback}
+        return await self._call(
+            "POST", endpoint, "/v1/restore", token=token, body=body, timeout=RESTORE_TIMEOUT_S
+        )
+
+    async def verify_audit(
+        self, endpoint: str, token: str | None, anchor: dict[str, Any] | None
+    ) -> AuditVerification:
         """Fetch the sandbox's audit log and check its chain here, against ``anchor``.
 
         Checked by the operator, not by the runtime: code running in the sandbox shares the
@@ -130,7 +135,7 @@ class RuntimeApi:
         timeout = aiohttp.ClientTimeout(total=SNAPSHOT_TIMEOUT_S, sock_connect=5.0)
         with tempfile.NamedTemporaryFile(prefix="kleave-audit-", suffix=".jsonl") as copy:
             try:
-                async with session.get(url, timeout=timeout) as response:
+                async with session.get(url, headers=_auth(token), timeout=timeout) as response:
                     if response.status >= 400:
                         raise RuntimeCallError(
                             f"GET {url}: {response.status}", status=response.status
@@ -144,6 +149,10 @@ class RuntimeApi:
             if anchor and anchor.get("hash") and anchor.get("seq") is not None:
                 head = AuditHead(int(anchor["seq"]), str(anchor["hash"]))
             return await asyncio.to_thread(verify, Path(copy.name), head)
+
+
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _base_url(endpoint: str) -> str:

@@ -53,6 +53,9 @@ class RuntimeConfig:
     policy: ToolPolicy
     token: str | None = None
     token_file: Path | None = None
+    token_sha256: str | None = None
+    """The hex SHA-256 of the bearer token instead of the token itself: what a sandbox pod
+    gets (from its pod annotation), so the pod spec never carries a usable credential."""
     snapshot_dir: Path | None = None
     """Default: ``<state_dir>/snapshots``; put it on the sandbox's persistent volume."""
     home: Path | None = None

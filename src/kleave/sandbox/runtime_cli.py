@@ -64,6 +64,12 @@ TOKEN_ENV = "KLEAVE_SANDBOX_TOKEN"
     help=f"Bearer token required on every route but /healthz [default: ${TOKEN_ENV}; none].",
 )
 @click.option(
+    "--token-sha256-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="A file holding the hex SHA-256 of the bearer token (what a sandbox pod is given).",
+)
+@click.option(
     "--home",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
@@ -79,6 +85,7 @@ def sandbox_runtime_command(
     port: int,
     port_file: Path | None,
     token_file: Path | None,
+    token_sha256_file: Path | None,
     home: Path | None,
 ) -> None:
     """Serve the sandbox runtime: exec, files, skills, audit log, snapshots."""
@@ -90,12 +97,14 @@ def sandbox_runtime_command(
     try:
         policy = load_policy(policy_file) if policy_file else ToolPolicy()
         token = _read_token(token_file)
+        digest = _read_digest(token_sha256_file) if token_sha256_file else None
         config = RuntimeConfig(
             workspace=workspace,
             state_dir=state_dir,
             policy=policy,
             token=token,
             token_file=token_file,
+            token_sha256=digest,
             snapshot_dir=snapshot_dir,
             home=home,
         )
@@ -111,6 +120,15 @@ def _read_token(token_file: Path | None) -> str | None:
     if not token:
         raise click.ClickException(f"the token file {token_file} is empty")
     return token
+
+
+def _read_digest(path: Path) -> str:
+    digest = path.read_text(encoding="utf-8").strip().lower()
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise click.ClickException(
+            f"{path} must hold the 64 hex digits of the token's SHA-256, not {digest[:16]!r}..."
+        )
+    return digest
 
 
 async def _serve(config: RuntimeConfig, host: str, port: int, port_file: Path | None) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import socket
@@ -159,12 +160,18 @@ async def _begin_stream(request: web.Request, response: web.StreamResponse) -> N
 
 
 def _authorize(request: web.Request, runtime: SandboxRuntime) -> None:
-    token = runtime.config.token
-    if not token:
+    token, digest = runtime.config.token, runtime.config.token_sha256
+    if not token and not digest:
         return
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.encode(), token.encode()):
+    if digest:
+        valid = hmac.compare_digest(
+            hashlib.sha256(presented.encode()).hexdigest().encode(), digest.lower().encode()
+        )
+    else:
+        valid = hmac.compare_digest(presented.encode(), str(token).encode())
+    if scheme.lower() != "bearer" or not valid:
         raise PolicyRefusal(
             "unauthorized",
             "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the "
