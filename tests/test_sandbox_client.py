@@ -12,6 +12,7 @@ tested as the pure functions they are.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import socket
@@ -39,6 +40,7 @@ from kleave.sandbox.client_kube import (
     NEXT_LINE,
     IoFailure,
     ObjectWait,
+    SandboxView,
     Sleep,
     Watch,
     WatchOpened,
@@ -49,6 +51,7 @@ from kleave.sandbox.client_kube import (
     runtime_gate,
     sandbox_failure,
     sandbox_manifest,
+    token_from_secret,
     wait_driver,
 )
 from kleave.sandbox.client_runtime import check_answer, normalize_endpoint
@@ -689,3 +692,23 @@ def test_the_driver_gives_up_on_permanent_errors_and_deletions() -> None:
     with pytest.raises(StopIteration) as done:
         driver.send(_event("DELETED", sandbox("Terminating")))
     assert done.value.value is not None  # the last object seen before it went
+
+
+def test_the_runtime_token_comes_from_the_operators_secret_for_the_current_pod() -> None:
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    secret = {"data": {"token": b64("tok-1"), "pod": b64("s1-abc")}}
+    assert token_from_secret(secret) == ("tok-1", "s1-abc")
+    assert token_from_secret(None) == (None, None)
+
+    ready = sandbox("Ready", endpoint="h:1")
+    ready["status"] |= {"tokenSecretName": "s1-runtime-token", "podName": "s1-abc"}
+    view = SandboxView(ready, None, None)
+    assert view._token_secret() == "s1-runtime-token"
+    assert view._cached_token("s1-runtime-token") == (False, None)
+    assert view._remember_token("s1-runtime-token", secret) == "tok-1"
+    assert view._cached_token("s1-runtime-token") == (True, "tok-1")
+    view._obj["status"]["podName"] = "s1-r1"  # resumed into a new pod: its own token
+    assert view._cached_token("s1-runtime-token") == (False, None)
+    assert SandboxView(ready, None, "given")._token_secret() is None  # the client's wins

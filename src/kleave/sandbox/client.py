@@ -31,6 +31,7 @@ import httpx
 
 from kleave.sandbox.client_async import AsyncSandbox, AsyncSandboxClient
 from kleave.sandbox.client_kube import (
+    CORE_API,
     MERGE_PATCH,
     SANDBOXES,
     Get,
@@ -357,7 +358,27 @@ class Sandbox(SandboxView):
                 self.resume()
             elif step == "wait":
                 self.wait_ready()
-        return self._runtime_calls()
+        return self._runtime_calls(self._current_token())
+
+    def _current_token(self) -> str | None:
+        """The runtime token: the client's, else the one the operator published for the
+        current pod in ``status.tokenSecretName`` (reading Secrets needs RBAC ``get``)."""
+        secret = self._token_secret()
+        if secret is None or self._client is None:
+            return self._token
+        found, token = self._cached_token(secret)
+        if found:
+            return token
+        path = resource_path("secrets", namespace=self._client.namespace, name=secret, api=CORE_API)
+        answer = self._client.kube_request("GET", path, missing_ok=True)
+        return self._remember_token(secret, answer)
+
+    def _token_went_stale(self) -> bool:
+        """After a 401: re-read the sandbox and its token once (a resume changed the pod)."""
+        if not self._forget_token():
+            return False
+        self.refresh()
+        return True
 
     def _moved(self) -> bool:
         """After a refused connection: did the sandbox move (idle-paused, new pod)? Then the
@@ -369,14 +390,20 @@ class Sandbox(SandboxView):
         return self.phase != "Ready" or self.status.get("endpoint") != before
 
     def _send(self, make: RuntimeRequest) -> tuple[RuntimeCalls, httpx.Response]:
-        calls = self._calls()
-        try:
-            return calls, self._transport.send(make(calls))
-        except SandboxUnreachable:
-            if not self._moved():
-                raise
-        calls = self._calls()
-        return calls, self._transport.send(make(calls))
+        """Send one runtime call, retrying once where the first try cannot have done anything:
+        no connection (the sandbox moved) or a 401 (its token changed with its pod)."""
+        for attempt in (1, 2):
+            calls = self._calls()
+            try:
+                response = self._transport.send(make(calls))
+            except SandboxUnreachable:
+                if attempt == 2 or not self._moved():
+                    raise
+                continue
+            if response.status_code == 401 and attempt == 1 and self._token_went_stale():
+                continue
+            return calls, response
+        raise AssertionError("unreachable")
 
     def _json(self, make: RuntimeRequest) -> dict[str, Any]:
         calls, response = self._send(make)
@@ -385,14 +412,22 @@ class Sandbox(SandboxView):
     def _open(
         self, stack: contextlib.ExitStack, make: RuntimeRequest
     ) -> tuple[RuntimeCalls, SyncStream]:
-        calls = self._calls()
-        try:
-            return calls, stack.enter_context(self._transport.stream(make(calls)))
-        except SandboxUnreachable:
-            if not self._moved():
-                raise
-        calls = self._calls()
-        return calls, stack.enter_context(self._transport.stream(make(calls)))
+        """Open a streamed runtime call, with the same one retry as :meth:`_send`."""
+        for attempt in (1, 2):
+            calls = self._calls()
+            with contextlib.ExitStack() as attempt_stack:
+                try:
+                    opening = self._transport.stream(make(calls))
+                    stream = attempt_stack.enter_context(opening)
+                except SandboxUnreachable:
+                    if attempt == 2 or not self._moved():
+                        raise
+                    continue
+                if stream.status == 401 and attempt == 1 and self._token_went_stale():
+                    continue
+                stack.enter_context(attempt_stack.pop_all())
+                return calls, stream
+        raise AssertionError("unreachable")
 
     def health(self) -> dict[str, Any]:
         """``GET /healthz``: status, last activity, running commands, audit head."""

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from kleave.sandbox.client_kube import (
+    CORE_API,
     MERGE_PATCH,
     SANDBOXES,
     Get,
@@ -313,7 +314,28 @@ class AsyncSandbox(SandboxView):
                 await self.resume()
             elif step == "wait":
                 await self.wait_ready()
-        return self._runtime_calls()
+        return self._runtime_calls(await self._current_token())
+
+    async def _current_token(self) -> str | None:
+        """The runtime token: the client's, else the one the operator published for the
+        current pod in ``status.tokenSecretName`` (reading Secrets needs RBAC ``get``)."""
+        secret = self._token_secret()
+        if secret is None or self._client is None:
+            return self._token
+        found, token = self._cached_token(secret)
+        if found:
+            return token
+        path = resource_path("secrets", namespace=self._client.namespace, name=secret, api=CORE_API)
+        return self._remember_token(
+            secret, await self._client.kube_request("GET", path, missing_ok=True)
+        )
+
+    async def _token_went_stale(self) -> bool:
+        """After a 401: re-read the sandbox and its token once (a resume changed the pod)."""
+        if not self._forget_token():
+            return False
+        await self.refresh()
+        return True
 
     async def _moved(self) -> bool:
         """After a refused connection: did the sandbox move (idle-paused, new pod)?"""
@@ -324,14 +346,20 @@ class AsyncSandbox(SandboxView):
         return self.phase != "Ready" or self.status.get("endpoint") != before
 
     async def _send(self, make: RuntimeRequest) -> tuple[RuntimeCalls, httpx.Response]:
-        calls = await self._calls()
-        try:
-            return calls, await self._transport.send(make(calls))
-        except SandboxUnreachable:
-            if not await self._moved():
-                raise
-        calls = await self._calls()
-        return calls, await self._transport.send(make(calls))
+        """Send one runtime call, retrying once where the first try cannot have done anything:
+        no connection (the sandbox moved) or a 401 (its token changed with its pod)."""
+        for attempt in (1, 2):
+            calls = await self._calls()
+            try:
+                response = await self._transport.send(make(calls))
+            except SandboxUnreachable:
+                if attempt == 2 or not await self._moved():
+                    raise
+                continue
+            if response.status_code == 401 and attempt == 1 and await self._token_went_stale():
+                continue
+            return calls, response
+        raise AssertionError("unreachable")
 
     async def _json(self, make: RuntimeRequest) -> dict[str, Any]:
         calls, response = await self._send(make)
@@ -340,14 +368,23 @@ class AsyncSandbox(SandboxView):
     async def _open(
         self, stack: contextlib.AsyncExitStack, make: RuntimeRequest
     ) -> tuple[RuntimeCalls, AsyncStream]:
-        calls = await self._calls()
-        try:
-            return calls, await stack.enter_async_context(self._transport.stream(make(calls)))
-        except SandboxUnreachable:
-            if not await self._moved():
-                raise
-        calls = await self._calls()
-        return calls, await stack.enter_async_context(self._transport.stream(make(calls)))
+        """Open a streamed runtime call, with the same one retry as :meth:`_send`."""
+        for attempt in (1, 2):
+            calls = await self._calls()
+            async with contextlib.AsyncExitStack() as attempt_stack:
+                try:
+                    stream = await attempt_stack.enter_async_context(
+                        self._transport.stream(make(calls))
+                    )
+                except SandboxUnreachable:
+                    if attempt == 2 or not await self._moved():
+                        raise
+                    continue
+                if stream.status == 401 and attempt == 1 and await self._token_went_stale():
+                    continue
+                await stack.enter_async_context(attempt_stack.pop_all())
+                return calls, stream
+        raise AssertionError("unreachable")
 
     async def health(self) -> dict[str, Any]:
         """``GET /healthz``: status, last activity, running commands, audit head."""

@@ -14,6 +14,7 @@ not allowed.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -557,6 +558,17 @@ def _kube_error(status: int, body: bytes) -> SandboxError:
     return SandboxError(f"unexpected watch answer {status}")
 
 
+def token_from_secret(secret: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
+    """(token, pod) from the ``<sandbox>-runtime-token`` Secret the operator publishes."""
+    data = (secret or {}).get("data") or {}
+
+    def decoded(key: str) -> str | None:
+        value = data.get(key)
+        return base64.b64decode(value).decode() if value else None
+
+    return decoded("token"), decoded("pod")
+
+
 # ----- the sandbox as last read ---------------------------------------------------------------
 class SandboxView:
     """What the sync and async ``Sandbox`` share: the last-read object and its endpoint."""
@@ -565,6 +577,8 @@ class SandboxView:
         self._obj = obj
         self._token = token
         self._fixed = RuntimeCalls(fixed_endpoint, token) if fixed_endpoint is not None else None
+        self._secret_token: tuple[str, str, str | None] | None = None
+        """(Secret name, pod, token) last read from ``status.tokenSecretName``."""
 
     @property
     def name(self) -> str:
@@ -596,8 +610,37 @@ class SandboxView:
             raise SandboxError(f"sandbox {self.name} has no endpoint (phase {self.phase or '?'})")
         return normalize_endpoint(str(raw))
 
-    def _runtime_calls(self) -> RuntimeCalls:
-        return self._fixed or RuntimeCalls(self.endpoint, self._token)
+    def _runtime_calls(self, token: str | None) -> RuntimeCalls:
+        return self._fixed or RuntimeCalls(self.endpoint, token)
+
+    def _token_secret(self) -> str | None:
+        """The Secret to read the runtime token from, or None when there is nothing to read:
+        a token given to the client wins, and a sandbox without a token Secret needs none."""
+        if self._fixed is not None or self._token is not None:
+            return None
+        secret = self.status.get("tokenSecretName")
+        return str(secret) if secret else None
+
+    def _cached_token(self, secret: str) -> tuple[bool, str | None]:
+        """(found, token) for the current pod; each pod (a resume makes a new one) has its
+        own token, so a cached one only serves the pod it was read for."""
+        cached = self._secret_token
+        pod = str(self.status.get("podName") or "")
+        if cached is not None and cached[0] == secret and cached[1] == pod:
+            return True, cached[2]
+        return False, None
+
+    def _remember_token(self, secret: str, found: Mapping[str, Any] | None) -> str | None:
+        token, pod = token_from_secret(found)
+        if token is not None and (pod is None or pod == self.status.get("podName")):
+            self._secret_token = (secret, str(self.status.get("podName") or ""), token)
+        return token
+
+    def _forget_token(self) -> bool:
+        """Drop a token read from the Secret; True when there was one (worth a retry)."""
+        had = self._token_secret() is not None
+        self._secret_token = None
+        return had
 
     def _anchor(self, anchor: Mapping[str, Any] | tuple[int, str] | None) -> dict[str, Any] | None:
         return audit_anchor(anchor if anchor is not None else self.status.get("auditHead"))
