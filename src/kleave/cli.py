@@ -375,10 +375,12 @@ def sandbox() -> None:
 
 
 def _register_sandbox_tools() -> None:
-    """`sandbox runtime` lives next to the runtime it serves."""
+    """`sandbox runtime` and `sandbox bench` live next to the code they run."""
+    from kleave.sandbox.bench import sandbox_bench_command
     from kleave.sandbox.runtime_cli import sandbox_runtime_command
 
     sandbox.add_command(sandbox_runtime_command)
+    sandbox.add_command(sandbox_bench_command)
 
 
 _register_sandbox_tools()
