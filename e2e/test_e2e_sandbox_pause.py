@@ -9,6 +9,7 @@ and the test talks to the same runtime at ``status.endpoint``, as an agent would
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -98,8 +99,16 @@ def _conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["type"]: c for c in (obj.get("status") or {}).get("conditions", [])}
 
 
-def _runtime(sandbox: dict[str, Any]) -> httpx.Client:
-    return httpx.Client(base_url=f"http://{sandbox['status']['endpoint']}", timeout=30)
+def _runtime(cluster: Cluster, sandbox: dict[str, Any]) -> httpx.Client:
+    """The sandbox's runtime, with the token of its current pod from the sandbox's Secret."""
+    secret = cluster.get_json("secret", sandbox["status"]["tokenSecretName"], "-n", NAMESPACE)
+    assert base64.b64decode(secret["data"]["pod"]).decode() == sandbox["status"]["podName"]
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    return httpx.Client(
+        base_url=f"http://{sandbox['status']['endpoint']}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
 
 
 def _exec(http: httpx.Client, argv: list[str]) -> tuple[int, str]:
@@ -159,7 +168,9 @@ spec: {{warmPoolRef: {{name: keeper}}}}
     claim = ready["status"]["volumeClaimName"]
     assert claim == f"{warm_pod}-state"
 
-    with _runtime(ready) as http:
+    anonymous = httpx.get(f"http://{ready['status']['endpoint']}/v1/files/list", timeout=10)
+    assert anonymous.status_code == 401  # reachable is not enough: the pod's token is needed
+    with _runtime(cluster, ready) as http:
         put = http.put("/v1/files", params={"path": "notes/plan.md"}, content=b"step 1\n")
         assert put.status_code == 200, put.text
         assert _exec(http, ["ls", "notes"]) == (0, "plan.md\n")
@@ -200,7 +211,7 @@ spec: {{warmPoolRef: {{name: keeper}}}}
     assert resumed["status"]["podName"] == "agent-r1"
     assert resumed["status"]["claim"]["source"] == "Resume"
     assert _conditions(resumed)["Degraded"]["status"] == "False"
-    with _runtime(resumed) as http:
+    with _runtime(cluster, resumed) as http:
         assert http.get("/v1/files", params={"path": "notes/plan.md"}).content == b"step 1\n"
         entries = _audit_ok(http, anchor, tmp_path)
     actions = [(e["action"], e["outcome"]) for e in entries]
@@ -233,7 +244,7 @@ spec: {{templateRef: {{name: sleepy}}}}
     ready = wait_for(lambda: _phase(cluster, "sleeper", "Ready"), 60, "sleeper Ready")
     assert ready["status"]["claim"]["source"] == "Cold"
     assert ready["status"]["volumeClaimName"] == "sleeper-state"
-    with _runtime(ready) as http:
+    with _runtime(cluster, ready) as http:
         for _ in range(3):  # busy for ~4.5 s: longer than the idle timeout, never idle for it
             time.sleep(1.5)
             assert http.put("/v1/files", params={"path": "w.txt"}, content=b"x").status_code == 200
@@ -250,6 +261,6 @@ spec: {{templateRef: {{name: sleepy}}}}
     resumed = wait_for(lambda: _phase(cluster, "sleeper", "Ready"), 90, "sleeper resumed")
     assert resumed["status"]["claim"]["source"] == "Resume"
     assert resumed["status"]["resumeRequest"] == "first"
-    with _runtime(resumed) as http:
+    with _runtime(cluster, resumed) as http:
         assert http.get("/v1/files", params={"path": "w.txt"}).content == b"x"
         _audit_ok(http, resumed["status"]["auditHead"], tmp_path)
