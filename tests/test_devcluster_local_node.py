@@ -60,6 +60,7 @@ from kleave.devcluster.local_volumes import (
     wants_volume,
 )
 from kleave.operator.sandbox_builder import PodOwner, build_pod
+from kleave.operator.sandbox_tokens import PodToken
 
 ROOT = Path("/srv/node")
 POD_DIR = ROOT / "pods" / "uid-1"
@@ -79,7 +80,12 @@ def sandbox_pod() -> dict[str, Any]:
     }
     spec = SandboxTemplateSpec.model_validate({"image": "kleave/kleave:0.1.0"})
     pod = build_pod(
-        template, spec, PodOwner(pool, pool="coder"), name="coder-abc", claim_name="coder-abc-state"
+        template,
+        spec,
+        PodOwner(pool, pool="coder"),
+        name="coder-abc",
+        token=PodToken(nonce="n", digest="0" * 64),
+        claim_name="coder-abc-state",
     )
     pod["metadata"]["uid"] = "uid-1"
     return pod
@@ -261,6 +267,7 @@ def test_the_sandbox_runtime_becomes_python_dash_m_kleave_with_host_paths() -> N
     assert args[args.index("--workspace") + 1] == str(POD_DIR / "workspace")
     assert args[args.index("--state-dir") + 1] == str(POD_DIR / "state")
     assert args[args.index("--policy") + 1] == str(POD_DIR / "policy" / "policy.json")
+    assert args[args.index("--token-sha256-file") + 1] == str(POD_DIR / "policy" / "token.sha256")
     assert args[args.index("--host") + 1] == "127.77.0.9"
     assert launch.cwd == POD_DIR / "workspace"
     assert launch.env["KLEAVE_WORKSPACE"] == str(POD_DIR / "workspace")
