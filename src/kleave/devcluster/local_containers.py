@@ -199,6 +199,10 @@ class ContainerRunner:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return False
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopping
+
     async def stop(self, grace_s: float) -> None:
         """SIGTERM the process group, SIGKILL after ``grace_s``; no restart follows."""
         self._stopping = True

@@ -163,6 +163,13 @@ class PodWorker:
     async def run(self) -> None:
         try:
             await self._run()
+        except Exception as error:
+            # A bug here fails the pod visibly, and it is deleted only when its user asks.
+            log.exception("pod %s: the local node failed running it", self.key)
+            await self._stop_containers(NODE_STOP_GRACE_S)
+            message = f"the dev cluster's local node failed running this pod: {error}"
+            await self._patch(rejected_status(self.pod, "LocalNodeError", message, now_rfc3339()))
+            await self._until_ending()
         finally:
             await self._teardown()
 
@@ -285,10 +292,8 @@ class PodWorker:
         grace = float(_grace_seconds(self.pod))
         if self._node_stopping and not self.terminating:
             grace = min(grace, NODE_STOP_GRACE_S)
-        await asyncio.gather(*(runner.stop(grace) for runner in self.runners))
-        if self.runners:
-            log.info("pod %s stopped", self.key)
-        if self._node_stopping:
+        await self._stop_containers(grace)
+        if not self.terminating:
             return  # a stopping kubelet leaves its pods (and their volumes) in place
         await asyncio.to_thread(shutil.rmtree, self.volumes_dir, True)
         self.ctx.release_ip(self.uid)
@@ -296,6 +301,12 @@ class PodWorker:
             if await self._delete():
                 break
             await self._wait(1.0)
+
+    async def _stop_containers(self, grace: float) -> None:
+        running = [runner for runner in self.runners if not runner.stopped]
+        await asyncio.gather(*(runner.stop(grace) for runner in running))
+        if running:
+            log.info("pod %s stopped", self.key)
 
     # ----- API ---------------------------------------------------------------------------
     async def _patch(self, status: dict[str, Any]) -> bool:
@@ -307,6 +318,8 @@ class PodWorker:
             )
         except _API_ERRORS as error:
             if isinstance(error, ApiError) and error.status in (404, 409, 422):
+                if error.status == 422:  # a replacement pod (its uid differs), or a bad status
+                    log.warning("pod %s: status refused: %s", self.key, error)
                 return True  # gone or replaced: the watch will say so
             log.warning("pod %s: status write failed: %s", self.key, error)
             return False
