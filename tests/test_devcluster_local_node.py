@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from kleave.api.sandbox_template import SandboxTemplateSpec
-from kleave.devcluster.local_containers import ContainerRunner
+from kleave.devcluster.local_containers import ContainerRunner, kill_recorded
 from kleave.devcluster.local_node import (
     NODE_LABEL,
     TAINT,
@@ -548,3 +549,25 @@ def test_readiness_comes_from_the_http_probe_and_stop_ends_the_process(tmp_path:
     ready, pid = asyncio.run(scenario())
     assert ready and pid is not None
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_a_restarted_node_ends_the_processes_its_predecessor_left(tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    marker = f"{PROCESS_MARKER}={root}/pods/uid-1"
+    leftover = subprocess.Popen(
+        [sys.executable, "-X", marker, "-c", "import time; time.sleep(60)"],
+        start_new_session=True,
+    )
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (root / "pids").mkdir(parents=True)
+        (root / "pids" / "uid-1_c").write_text(f"{leftover.pid}\n")
+        (root / "pids" / "uid-2_c").write_text(f"{unrelated.pid}\n")  # a reused pid
+        assert kill_recorded(root) == [leftover.pid]
+        assert leftover.wait(timeout=5) != 0
+        assert unrelated.poll() is None
+        assert not list((root / "pids").iterdir())
+    finally:
+        for process in (leftover, unrelated):
+            process.kill()
+            process.wait()
