@@ -210,6 +210,8 @@ spec: {{warmPoolRef: {{name: keeper}}}}
     resume_s = time.monotonic() - started
     assert resumed["status"]["podName"] == "agent-r1"
     assert resumed["status"]["claim"]["source"] == "Resume"
+    # A process start and a restore, not the warm claim's latency left over in status.
+    assert resumed["status"]["claim"]["latencyMs"] > ready["status"]["claim"]["latencyMs"]
     assert _conditions(resumed)["Degraded"]["status"] == "False"
     with _runtime(cluster, resumed) as http:
         assert http.get("/v1/files", params={"path": "notes/plan.md"}).content == b"step 1\n"

@@ -359,7 +359,7 @@ def test_a_cold_start_is_starting_then_ready_with_the_latency_it_was_first_seen_
     starting = pod("sbx", pool=None, sandbox="sbx", ready=False, annotations=annotations)
     status = _status(starting)
     assert status["phase"] == "Starting" and status["endpoint"] is None
-    assert status["claim"] == {"source": "Cold", "claimedAt": format_ms(NOW)}
+    assert status["claim"] == {"source": "Cold", "claimedAt": format_ms(NOW), "latencyMs": None}
     ready = pod("sbx", pool=None, sandbox="sbx", annotations=annotations)
     later = NOW + timedelta(seconds=2)
     status = _status(ready, now=later)

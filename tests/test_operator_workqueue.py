@@ -313,6 +313,13 @@ def test_status_patch_holds_only_changed_fields() -> None:
 
     assert status_patch(current, desired) == {"replicas": 3, "new": 1}
     assert status_patch(current, {"replicas": 2}) == {}
+    # None deletes a key in a merge patch: a key already absent needs no write.
+    nested = {"claim": {"source": "Cold"}}
+    assert status_patch(nested, {"claim": {"source": "Cold", "latencyMs": None}}) == {}
+    stale = {"claim": {"source": "Warm", "latencyMs": 81}}
+    assert status_patch(stale, {"claim": {"source": "Resume", "latencyMs": None}}) == {
+        "claim": {"source": "Resume", "latencyMs": None}
+    }
 
 
 @pytest.mark.parametrize(

@@ -51,8 +51,23 @@ def contains(current: Any, desired: Any) -> bool:
     return bool(current == desired)
 
 
+def _pruned(value: Any) -> Any:
+    """A value as a merge patch leaves it: keys set to None are removed, at any depth."""
+    if isinstance(value, Mapping):
+        return {k: _pruned(v) for k, v in value.items() if v is not None}
+    return value
+
+
 def status_patch(current: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in desired.items() if current.get(key) != value}
+    """The top-level status fields that differ (a None inside one deletes that key).
+
+    Compared as a merge patch would apply them, so a desired ``{"claim": {"latencyMs":
+    None}}`` matches a current claim without latencyMs: no write, and no watch event that
+    would reconcile the object again.
+    """
+    return {
+        key: value for key, value in desired.items() if _pruned(current.get(key)) != _pruned(value)
+    }
 
 
 def is_transient(error: BaseException) -> bool:

@@ -442,7 +442,9 @@ def sandbox_status(
         meta.get("creationTimestamp")
     )
     status |= {"podName": meta["name"], "templateHash": label(pod, LABEL_TEMPLATE_HASH)}
-    claim: dict[str, Any] = {"source": source}
+    # latencyMs None until Ready: status is merge-patched, and a resumed sandbox's claim
+    # would otherwise keep the latency of the claim before it.
+    claim: dict[str, Any] = {"source": source, "latencyMs": None}
     if claimed_at is not None:
         claim["claimedAt"] = format_ms(claimed_at)
     previous = current.get("claim") or {}
