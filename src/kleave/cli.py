@@ -25,14 +25,50 @@ def _state_dir_option(func: F) -> F:
     )(func)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose subcommands named in ``lazy`` are imported only when run or listed.
+
+    ``kleave sandbox runtime`` is the process every sandbox pod starts: importing the
+    planner's statsmodels/scipy stack for it cost seconds of each cold start and resume.
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})  # name -> "module:attribute"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            import importlib
+
+            module, _, attribute = self.lazy[cmd_name].partition(":")
+            command: click.Command = getattr(importlib.import_module(module), attribute)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    lazy={
+        "forecast": "kleave.planner.forecast_cli:forecast",
+        "simulate": "kleave.sim.cli:simulate",
+        "loadgen": "kleave.sim.loadgen_cli:loadgen",
+    },
+)
 @click.version_option(__version__, prog_name="kleave")
 def main() -> None:
     """kleave: disaggregated LLM inference and agent sandboxes on Kubernetes."""
 
 
 # ----- dev-cluster ----------------------------------------------------------------------------
-@main.group("dev-cluster")
+@main.group(
+    "dev-cluster",
+    cls=LazyGroup,
+    lazy={"local-node": "kleave.devcluster.local_node_cli:local_node_command"},
+)
 def dev_cluster() -> None:
     """A real local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok)."""
 
@@ -88,16 +124,6 @@ def dev_cluster_up(
         f"Stop it with: kleave dev-cluster down{_state_flag(state_dir)}",
         err=True,
     )
-
-
-def _register_dev_cluster_tools() -> None:
-    """`dev-cluster local-node` lives next to the node it runs."""
-    from kleave.devcluster.local_node_cli import local_node_command
-
-    dev_cluster.add_command(local_node_command)
-
-
-_register_dev_cluster_tools()
 
 
 @dev_cluster.command("build")
@@ -353,34 +379,14 @@ def demo_down() -> None:
     dev_cluster_down.callback(state_dir=None)  # type: ignore[misc]
 
 
-# ----- planner tools --------------------------------------------------------------------------
-def _register_planner_tools() -> None:
-    """`forecast`, `simulate` and `loadgen` live next to the code they drive."""
-    from kleave.planner.forecast_cli import forecast
-    from kleave.sim.cli import simulate
-    from kleave.sim.loadgen_cli import loadgen
-
-    main.add_command(forecast)
-    main.add_command(simulate)
-    main.add_command(loadgen)
-
-
-_register_planner_tools()
-
-
 # ----- sandbox --------------------------------------------------------------------------------
-@main.group("sandbox")
+@main.group(
+    "sandbox",
+    cls=LazyGroup,
+    lazy={
+        "runtime": "kleave.sandbox.runtime_cli:sandbox_runtime_command",
+        "bench": "kleave.sandbox.bench:sandbox_bench_command",
+    },
+)
 def sandbox() -> None:
-    """Agent sandboxes: the in-sandbox runtime."""
-
-
-def _register_sandbox_tools() -> None:
-    """`sandbox runtime` and `sandbox bench` live next to the code they run."""
-    from kleave.sandbox.bench import sandbox_bench_command
-    from kleave.sandbox.runtime_cli import sandbox_runtime_command
-
-    sandbox.add_command(sandbox_runtime_command)
-    sandbox.add_command(sandbox_bench_command)
-
-
-_register_sandbox_tools()
+    """Agent sandboxes: the in-sandbox runtime and the claim benchmark."""
