@@ -20,6 +20,7 @@ from kleave.devcluster.local_node import (
     TAINT,
     lease_manifest,
     node_manifest,
+    pick_pod_cidr,
     registration_patch,
 )
 from kleave.devcluster.local_pods import (
@@ -35,6 +36,7 @@ from kleave.devcluster.local_pods import (
     container_launch,
     downward_value,
     expand,
+    listening_ips,
     mounts_of,
     nested_links,
     plan_volumes,
@@ -128,6 +130,25 @@ def test_pod_ips_go_round_robin_skip_taken_and_never_use_network_or_broadcast() 
     assert allocate_ip("127.77.0.0/24", set(), after="127.77.0.254") == "127.77.0.1"
     with pytest.raises(UnsupportedPodError, match="no free pod IP"):
         allocate_ip("127.77.0.0/30", {"127.77.0.1", "127.77.0.2"})
+
+
+def test_addresses_something_listens_on_are_read_from_proc_net_tcp() -> None:
+    table = (
+        "  sl  local_address rem_address   st tx_queue rx_queue\n"
+        "   0: 0100007F:9F41 00000000:0000 0A 00000000:00000000\n"  # 127.0.0.1, listening
+        "   1: 01004D7F:1F90 00000000:0000 0A 00000000:00000000\n"  # 127.77.0.1:8080
+        "   2: 02004D7F:D3B5 0100007F:1F90 01 00000000:00000000\n"  # established: not a listener
+    )
+    assert listening_ips(table) == {"127.0.0.1", "127.77.0.1"}
+    with socket.socket() as server:
+        server.bind(("127.77.0.249", 0))
+        server.listen()
+        assert "127.77.0.249" in listening_ips(Path("/proc/net/tcp").read_text())
+
+
+def test_each_dev_cluster_on_a_host_gets_its_own_pod_range() -> None:
+    assert pick_pod_cidr(set()) == "127.77.0.0/24"
+    assert pick_pod_cidr({"127.77.0.0/24", "127.77.2.0/24"}) == "127.77.1.0/24"
 
 
 def test_a_process_can_bind_an_address_of_the_pod_range_without_setup() -> None:

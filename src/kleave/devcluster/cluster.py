@@ -22,7 +22,7 @@ from kleave.devcluster import kubeconfig, pki, processes
 from kleave.devcluster.build import Builder, Progress
 from kleave.devcluster.errors import DevClusterError, PortInUseError, StaleStateError, StartupError
 from kleave.devcluster.local_node import DEFAULT_NAME as LOCAL_NODE_NAME
-from kleave.devcluster.local_node import DEFAULT_POD_CIDR as LOCAL_POD_CIDR
+from kleave.devcluster.local_node import pick_pod_cidr
 from kleave.devcluster.local_volumes import STORAGE_CLASS_NAME
 from kleave.devcluster.nodes import (
     DEFAULT_NODE_GROUPS,
@@ -344,7 +344,7 @@ class DevCluster:
                 f"--kubeconfig={configs['local-node']}",
                 f"--name={LOCAL_NODE_NAME}",
                 f"--root={self.local_node_root}",
-                f"--pod-cidr={LOCAL_POD_CIDR}",
+                f"--pod-cidr={pick_pod_cidr(_local_pod_cidrs_in_use())}",
             ],
             lambda _client: self._local_node_ready(state),
             timeout,
@@ -479,6 +479,17 @@ def _exit_error(name: str, log: Path) -> DevClusterError:
         )
     last = tail[-1][:300] if tail else "(no output)"
     return StartupError(f"{name} exited during start-up: {last} (log: {log})")
+
+
+def _local_pod_cidrs_in_use() -> set[str]:
+    """The pod ranges of every local node running on this host (any cluster's)."""
+    used = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            argv = processes.cmdline(int(entry.name))
+            if "local-node" in argv:
+                used |= {arg.partition("=")[2] for arg in argv if arg.startswith("--pod-cidr=")}
+    return used
 
 
 def _answers_ok(url: str) -> Callable[[httpx.Client], bool]:

@@ -15,11 +15,13 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import ipaddress
 import logging
 import platform
 import shutil
 import signal
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 DEFAULT_NAME = "kleave-local-0"
 DEFAULT_POD_CIDR = "127.77.0.0/24"
 """All of 127/8 is loopback on Linux: a process binds 127.77.0.x with no setup at all."""
+POD_CIDR_POOL = "127.77.0.0/16"
+"""Where ``dev-cluster up`` picks a /24 no other running local node uses: several dev clusters
+on one host (parallel test sessions) would otherwise hand out the same pod IPs and ports."""
 NODE_LABEL = "kleave.dev/local-node"
 TAINT = {"key": NODE_LABEL, "value": "true", "effect": "NoSchedule"}
 LEASE_NAMESPACE = "kube-node-lease"
@@ -53,10 +58,19 @@ CAPACITY = {"cpu": "64", "memory": "256Gi", "pods": "250", "ephemeral-storage": 
 class LocalNodeConfig:
     name: str
     root: Path
-    pod_cidr: str = DEFAULT_POD_CIDR
+    pod_cidr: str | None = None
+    """None: the registered Node's podCIDR, else :data:`DEFAULT_POD_CIDR`."""
 
 
 # ----- the Node and its Lease (pure) -------------------------------------------------------
+def pick_pod_cidr(in_use: Collection[str]) -> str:
+    """The first /24 of :data:`POD_CIDR_POOL` that no running local node uses."""
+    for subnet in ipaddress.ip_network(POD_CIDR_POOL).subnets(new_prefix=24):
+        if str(subnet) not in in_use:
+            return str(subnet)
+    raise RuntimeError(f"every /24 of {POD_CIDR_POOL} is used by a running local node")
+
+
 def _arch() -> str:
     machine = platform.machine().lower()
     return {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
@@ -185,7 +199,7 @@ class LocalNode:
     def __init__(self, api: KubeApi, cfg: LocalNodeConfig) -> None:
         self.api = api
         self.cfg = cfg
-        self.ctx = NodeContext(api, cfg.name, cfg.root, cfg.pod_cidr)
+        self.ctx = NodeContext(api, cfg.name, cfg.root, cfg.pod_cidr or DEFAULT_POD_CIDR)
         self.workers: dict[str, PodWorker] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.finished: set[str] = set()
@@ -211,7 +225,7 @@ class LocalNode:
             *(asyncio.create_task(i.run(), name=i.rt.plural) for i in provisioner.informers()),
             asyncio.create_task(self._collect_orphans(pods), name="orphans"),
         ]
-        log.info("node %s registered (pods on %s, root %s)", self.cfg.name, self.cfg.pod_cidr, root)
+        log.info("node %s registered (pods on %s, root %s)", self.cfg.name, self.ctx.pod_cidr, root)
         try:
             await stop.wait()
         finally:
@@ -225,8 +239,10 @@ class LocalNode:
     async def register(self) -> None:
         name = self.cfg.name
         existing = await self.api.get(NODE, None, name)
+        if self.cfg.pod_cidr is None and existing is not None:
+            self.ctx.pod_cidr = existing.get("spec", {}).get("podCIDR") or DEFAULT_POD_CIDR
         if existing is None:
-            manifest = node_manifest(name, self.cfg.pod_cidr, self.ready_since)
+            manifest = node_manifest(name, self.ctx.pod_cidr, self.ready_since)
             try:
                 self.node = await self.api.create(NODE, None, manifest)
             except ApiError as error:
@@ -234,7 +250,7 @@ class LocalNode:
                     raise
                 existing = await self.api.get(NODE, None, name)
         if existing is not None:
-            patch = registration_patch(existing, self.cfg.pod_cidr)
+            patch = registration_patch(existing, self.ctx.pod_cidr)
             self.node = await self.api.merge_patch(NODE, None, name, patch)
         await self._report()
 

@@ -28,22 +28,24 @@ import click
 )
 @click.option(
     "--pod-cidr",
-    default="127.77.0.0/24",
-    show_default=True,
-    help="Pod IPs come from here (a loopback range: processes bind them without setup).",
+    default=None,
+    help="Pod IPs come from here, a loopback range (processes bind it without setup) "
+    "[default: the Node's podCIDR when it is registered, else 127.77.0.0/24].",
 )
-def local_node_command(kubeconfig: Path, name: str, root: Path, pod_cidr: str) -> None:
+def local_node_command(kubeconfig: Path, name: str, root: Path, pod_cidr: str | None) -> None:
     """Run sandbox pods bound to NAME as local processes (NO isolation: dev only)."""
-    try:
-        network = ipaddress.ip_network(pod_cidr)
-    except ValueError as error:
-        raise click.BadParameter(str(error), param_hint="--pod-cidr") from error
-    if not network.is_loopback:
-        raise click.BadParameter(
-            f"{pod_cidr} is not a loopback range: processes could not bind its addresses "
-            "without network setup; use a range inside 127.0.0.0/8",
-            param_hint="--pod-cidr",
-        )
+    if pod_cidr is not None:
+        try:
+            network = ipaddress.ip_network(pod_cidr)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--pod-cidr") from error
+        if not network.is_loopback:
+            raise click.BadParameter(
+                f"{pod_cidr} is not a loopback range: processes could not bind its addresses "
+                "without network setup; use a range inside 127.0.0.0/8",
+                param_hint="--pod-cidr",
+            )
+        pod_cidr = str(network)
     from kleave.devcluster.local_node import LocalNodeConfig, run
 
-    run(kubeconfig, LocalNodeConfig(name=name, root=root, pod_cidr=str(network)))
+    run(kubeconfig, LocalNodeConfig(name=name, root=root, pod_cidr=pod_cidr))

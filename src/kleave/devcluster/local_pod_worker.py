@@ -29,6 +29,7 @@ from kleave.devcluster.local_pods import (
     UnsupportedPodError,
     allocate_ip,
     container_launch,
+    listening_ips,
     mounts_of,
     nested_links,
     plan_volumes,
@@ -77,7 +78,7 @@ class NodeContext:
         """The pod's IP: kept across node restarts when still free, else the next free one."""
         if uid in self.ips:
             return self.ips[uid]
-        taken = set(self.ips.values())
+        taken = set(self.ips.values()) | _host_listening()
         if preferred and preferred not in taken and _in(preferred, self.pod_cidr):
             ip = preferred
         else:
@@ -91,6 +92,13 @@ class NodeContext:
 
     def pod_dir(self, uid: str) -> Path:
         return self.root / "pods" / uid
+
+
+def _host_listening() -> set[str]:
+    try:
+        return listening_ips(Path("/proc/net/tcp").read_text())
+    except (OSError, ValueError):
+        return set()
 
 
 def _in(ip: str, cidr: str) -> bool:

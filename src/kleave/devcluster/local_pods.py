@@ -51,6 +51,18 @@ def allocate_ip(cidr: str, in_use: Collection[str], after: str | None = None) ->
     raise UnsupportedPodError(UNSUPPORTED_POD, f"no free pod IP left in {cidr}")
 
 
+def listening_ips(proc_net_tcp: str) -> set[str]:
+    """IPv4 addresses with a listening TCP socket, from ``/proc/net/tcp``: a pod IP another
+    program (another dev cluster's pod, say) already serves on is not handed out."""
+    found = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+            address = fields[1].partition(":")[0]
+            found.add(str(ipaddress.IPv4Address(bytes.fromhex(address)[::-1])))
+    return found
+
+
 # ----- downward API ------------------------------------------------------------------------
 _KEYED = re.compile(r"^metadata\.(labels|annotations)\['(.+)'\]$")
 
