@@ -26,6 +26,8 @@ from kleave.devcluster.local_containers import ContainerRunner
 from kleave.devcluster.local_pod_volumes import PodVolumes, link_nested
 from kleave.devcluster.local_pods import (
     UNSUPPORTED_POD,
+    Launch,
+    Mount,
     UnsupportedPodError,
     allocate_ip,
     container_launch,
@@ -243,7 +245,9 @@ class PodWorker:
             runner.start()
         return True
 
-    def _launch(self, container: dict[str, Any], volume_dirs: dict[str, Path]) -> Any:
+    def _launch(
+        self, container: dict[str, Any], volume_dirs: dict[str, Path]
+    ) -> tuple[list[Mount], Launch]:
         mounts = mounts_of(container, volume_dirs)
         return mounts, container_launch(
             self.pod,
