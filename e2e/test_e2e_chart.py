@@ -43,6 +43,7 @@ DENIED = [
     ("list", "secrets", "", ""),
     ("watch", "secrets", "", ""),
     ("delete", "secrets", "", ""),
+    ("patch", "secrets", "", ""),
     ("create", "inferencedeployments.kleave.dev", "", ""),
     ("delete", "inferencedeployments.kleave.dev", "", ""),
     ("update", "inferencedeployments.kleave.dev", "", ""),
@@ -214,7 +215,7 @@ def test_rbac_is_least_privilege(rendered: list[dict[str, Any]]) -> None:
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule[key], rule
         if "secrets" in rule["resources"]:  # sandbox tokens: written, never read
-            assert rule["resources"] == ["secrets"] and rule["verbs"] == ["create", "patch"]
+            assert rule["resources"] == ["secrets"] and rule["verbs"] == ["create"]
         assert "leases" not in rule["resources"], "leases belong in the namespaced Role"
     [lease_rule] = one(rendered, "Role")["rules"]
     assert lease_rule == {

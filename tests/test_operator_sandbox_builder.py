@@ -390,7 +390,8 @@ def test_pods_carry_a_token_digest_never_the_token() -> None:
     # Another pod of the same name (a later sandbox) gets another nonce, so another token.
     again = tokens.issue("ns", "coder-pool-x7k2q")
     assert again.nonce != issued.nonce and again.digest != issued.digest
-    secret = build_token_secret(SANDBOX, token, "coder-pool-x7k2q")
-    assert secret["metadata"]["name"] == "task-1-runtime-token"
-    assert secret["metadata"]["ownerReferences"][0]["uid"] == "s-uid"
+    pod["metadata"]["uid"] = "pod-uid"
+    secret = build_token_secret(pod, token)
+    assert secret["metadata"]["name"] == "coder-pool-x7k2q-runtime-token"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "pod-uid"
     assert base64.b64decode(secret["data"]["token"]).decode() == token

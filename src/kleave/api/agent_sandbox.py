@@ -358,8 +358,9 @@ class AgentSandboxStatus(StatusModel):
         default=None,
         max_length=253,
         description=(
-            "The Secret (key token) holding the bearer token of the sandbox's current pod: "
-            "every runtime call but /healthz needs it. It changes with the pod (resume)."
+            "The Secret (key token) holding the bearer token of the sandbox's current pod "
+            "(<pod>-runtime-token, owned by the pod): every runtime call but /healthz needs "
+            "it. It changes with the pod (resume)."
         ),
     )
     idle_paused_at: Timestamp = Field(

@@ -335,13 +335,18 @@ def sandbox_claim_name(sandbox: str) -> str:
     return f"{sandbox}-state"
 
 
-def token_secret_name(sandbox: str) -> str:
-    return f"{sandbox}-runtime-token"
+def token_secret_name(pod: str) -> str:
+    return f"{pod}-runtime-token"
 
 
-def build_token_secret(sandbox: Mapping[str, Any], token: str, pod: str) -> dict[str, Any]:
-    """The Secret that hands a sandbox's users the token of its current pod."""
-    meta = sandbox["metadata"]
+def build_token_secret(pod: Mapping[str, Any], token: str) -> dict[str, Any]:
+    """The Secret holding a pod's runtime token for the sandbox's users, owned by the pod.
+
+    Created with the pod (a warm pod's long before any claim), so a claim adds no write;
+    it goes with the pod, and a resumed sandbox's new pod has its own.
+    """
+    meta = pod["metadata"]
+    labels = {MANAGED_BY: MANAGER, LABEL_COMPONENT_APP: COMPONENT_SANDBOX}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -349,14 +354,10 @@ def build_token_secret(sandbox: Mapping[str, Any], token: str, pod: str) -> dict
         "metadata": {
             "name": token_secret_name(meta["name"]),
             "namespace": meta["namespace"],
-            "labels": {
-                MANAGED_BY: MANAGER,
-                LABEL_COMPONENT_APP: COMPONENT_SANDBOX,
-                LABEL_SANDBOX: meta["name"],
-            },
-            "ownerReferences": [owner_reference(sandbox)],
+            "labels": labels,
+            "ownerReferences": [owner_reference(pod)],
         },
-        "data": token_secret_data(token, pod),
+        "data": token_secret_data(token, meta["name"]),
     }
 
 

@@ -256,7 +256,7 @@ class SandboxControllers(CachedController):
         self._first_seen: dict[str, datetime] = {}  # sandbox uid -> first watch event
         self._claims_made: set[str] = set()  # "namespace/claim" known to exist
         self._owned_claims: dict[str, str] = {}  # sandbox uid -> its claim, already re-owned
-        self._published: dict[str, str] = {}  # sandbox uid -> pod whose token its Secret holds
+        self._secrets_made: set[str] = set()  # "namespace/pod" whose token Secret exists
 
     # -- watching ---------------------------------------------------------------------------
 
@@ -296,6 +296,7 @@ class SandboxControllers(CachedController):
                 meta = obj["metadata"]
                 claim = sandbox_builder.pool_claim_name(str(meta.get("name")))
                 self._claims_made.discard(f"{meta.get('namespace')}/{claim}")
+                self._secrets_made.discard(f"{meta.get('namespace')}/{meta.get('name')}")
                 after_pod: Obj | None = None
             else:
                 after_pod = self.pods.upsert(obj)
@@ -329,7 +330,6 @@ class SandboxControllers(CachedController):
         meta = sandbox["metadata"]
         uid = str(meta.get("uid"))
         self._first_seen.pop(uid, None)
-        self._published.pop(uid, None)
         self._owned_claims.pop(uid, None)
         claim = sandbox_builder.sandbox_claim_name(str(meta.get("name")))
         self._claims_made.discard(f"{meta.get('namespace')}/{claim}")
@@ -664,6 +664,7 @@ class SandboxControllers(CachedController):
                         failures.append(error)
                         return
                     self.observe("ADDED", created)
+                    await self._ensure_token_secret(created)
                     if claim is not None:
                         await self._create_pool_claim(created, template, spec)
                     return
@@ -691,15 +692,13 @@ class SandboxControllers(CachedController):
     async def _ensure_pool_claims(
         self, pods: Iterable[Obj], template: Obj, spec: SandboxTemplateSpec
     ) -> None:
-        """Claims of pool pods that are not running yet: a create whose claim never followed
-        (an operator restart in between) is completed here, level-triggered."""
+        """Claims and token Secrets of pool pods that are not running yet: a create whose
+        children never followed (an operator restart in between) is completed here."""
         for pod in pods:
-            if (
-                pod["spec"].get("claimName")
-                and not sandbox_decisions.is_ready(pod)
-                and sandbox_decisions.is_live(pod)
-            ):
-                await self._create_pool_claim(pod, template, spec)
+            if not sandbox_decisions.is_ready(pod) and sandbox_decisions.is_live(pod):
+                await self._ensure_token_secret(pod)
+                if pod["spec"].get("claimName"):
+                    await self._create_pool_claim(pod, template, spec)
 
     # -- AgentSandbox -----------------------------------------------------------------------
 
@@ -837,9 +836,10 @@ class SandboxControllers(CachedController):
             if _restoring(pod) and sandbox_decisions.is_ready(pod):
                 pod = await self._restore(sandbox, pod, step, events)
             if sandbox_decisions.is_ready(pod) and not _restoring(pod):
-                secret = await self._publish_token(sandbox, pod)
-                if secret is not None:
-                    step.lifecycle["tokenSecretName"] = secret
+                if await self._ensure_token_secret(pod):  # made with the pod; after a restart
+                    step.lifecycle["tokenSecretName"] = sandbox_builder.token_secret_name(
+                        str(pod["metadata"]["name"])
+                    )
                 idle = (
                     0
                     if spec is None or template_spec is None
@@ -964,33 +964,26 @@ class SandboxControllers(CachedController):
         why = "idle timeout" if intent.pause_reason == sandbox_pause.IDLE else "spec.mode Paused"
         events.append(Event("Normal", "Paused", f"{why}: pod {meta['name']} deleted"))
 
-    async def _publish_token(self, sandbox: Obj, pod: Obj) -> str | None:
-        """Put the token of the sandbox's current pod in its Secret, before it is Ready.
-
-        A Secret of the same name left by an earlier sandbox (garbage collection pending) is
-        taken over: the patch makes this sandbox its owner.
-        """
+    async def _ensure_token_secret(self, pod: Obj) -> bool:
+        """The Secret with the pod's runtime token (for the sandbox's users); False for a pod
+        without a token. Created right after the pod, and here again after an operator
+        restart (an existing one is fine: the token is derived, so it is the same)."""
+        meta = pod["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        if key in self._secrets_made:
+            return True
         token = self.tokens.for_pod(pod)
         if token is None:
-            return None
-        meta = sandbox["metadata"]
-        name = sandbox_builder.token_secret_name(meta["name"])
-        pod_name = str(pod["metadata"]["name"])
-        if self._published.get(str(meta["uid"])) == pod_name:
-            return name
-        body = sandbox_builder.build_token_secret(sandbox, token, pod_name)
+            return False
         try:
-            await self.api.create(SECRET, meta["namespace"], body)
+            await self.api.create(
+                SECRET, meta["namespace"], sandbox_builder.build_token_secret(pod, token)
+            )
         except ApiError as error:
             if error.status != 409:
                 raise
-            patch = {
-                "metadata": {"ownerReferences": body["metadata"]["ownerReferences"]},
-                "data": body["data"],
-            }
-            await self.api.merge_patch(SECRET, meta["namespace"], name, patch)
-        self._published[str(meta["uid"])] = pod_name
-        return name
+        self._secrets_made.add(key)
+        return True
 
     async def _own_claim(self, sandbox: Obj, claim: str) -> None:
         """Make the sandbox the owner of its claim (a warm pod's claim starts out the pod's)."""
@@ -1272,6 +1265,7 @@ class SandboxControllers(CachedController):
                 raise
             return found
         self.observe("ADDED", created)
+        await self._ensure_token_secret(created)
         return self.pods.get(namespace, pod_name)
 
     async def _claim(

@@ -4,9 +4,9 @@ Any workload that can reach a sandbox pod's IP could otherwise run commands in i
 the operator creates gets a random nonce; its token is ``HMAC-SHA256(key, namespace/pod/nonce)``
 and the pod only ever sees the token's SHA-256 (a pod annotation projected into a file), so
 reading the pod spec gives nobody a credential. The operator recomputes a pod's token from
-the key when it calls the runtime (pause, resume, idle checks) and hands the token of a
-sandbox's current pod to its users in a Secret ``<sandbox>-runtime-token`` (the operator may
-create and patch Secrets, never read them). Rotating the key makes the tokens of running pods
+the key when it calls the runtime (pause, resume, idle checks) and hands each pod's token to
+the sandbox's users in a Secret ``<pod>-runtime-token`` named in ``status.tokenSecretName``
+(the operator may create and patch Secrets, never read them). Rotating the key makes the tokens of running pods
 unknown to the operator: pause them first.
 """
 
