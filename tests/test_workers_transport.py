@@ -1,0 +1,456 @@
+"""The workers' transport over real sockets and real processes: framing, KV transfer, AF, EP.
+
+Failure tests kill real peer processes; their waits carry generous limits only so that a
+regression fails the test instead of hanging the suite, never to assert a speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import signal
+import socket
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+
+from kleave.workers.transport.framing import (
+    ChecksumError,
+    FrameError,
+    PeerGone,
+    TransportTimeout,
+    encode_tensor,
+    read_frame,
+    send_message,
+    send_tensor,
+    write_encoded,
+)
+from kleave.workers.transport.kv_transfer import (
+    BackendUnavailable,
+    KVReceiver,
+    KVSender,
+    KVTransferError,
+    layer_ranges,
+)
+
+HANG_GUARD = 60.0  # seconds; only ever reached when something is broken
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    async def guarded() -> Any:
+        async with asyncio.timeout(HANG_GUARD * 2):
+            return await coro
+
+    return asyncio.run(guarded())
+
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@asynccontextmanager
+async def connected_pair() -> AsyncIterator[tuple[Streams, Streams]]:
+    """A real TCP connection on 127.0.0.1: (server side, client side)."""
+    accepted: asyncio.Queue[Streams] = asyncio.Queue()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put((reader, writer))
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await asyncio.open_connection("127.0.0.1", port)
+    accepted_side = await accepted.get()
+    try:
+        yield accepted_side, client
+    finally:
+        for _, writer in (accepted_side, client):
+            writer.close()
+        server.close()
+
+
+# --- framing ------------------------------------------------------------------------------
+
+
+def _sample_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(5, 7, generator=g)
+    tensors = {
+        "f32": base,
+        "bf16": base.to(torch.bfloat16),
+        "f16": base.to(torch.float16),
+        "i64": torch.randint(-(2**40), 2**40, (3, 4), generator=g),
+        "mask": base > 0,
+        "strided": base.t(),  # not contiguous: sent as its contiguous copy
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 16),
+    }
+    if hasattr(torch, "float8_e4m3fn"):
+        tensors["fp8"] = base.to(torch.float8_e4m3fn)
+    return tensors
+
+
+def test_frames_round_trip_bit_exact() -> None:
+    async def scenario() -> None:
+        async with connected_pair() as ((reader, _), (_, writer)):
+            tensors = _sample_tensors()
+            await send_message(writer, "hello", {"n": 1, "names": list(tensors)})
+            for name, tensor in tensors.items():
+                await send_tensor(writer, name, tensor, meta={"layer": 3})
+            await send_tensor(writer, "unchecked", tensors["f32"], checksum=False)
+            hello = await read_frame(reader, timeout=HANG_GUARD)
+            assert (hello.kind, hello.tensor, hello.meta) == (
+                "hello",
+                None,
+                {"n": 1, "names": list(tensors)},
+            )
+            for name, tensor in tensors.items():
+                frame = await read_frame(reader, timeout=HANG_GUARD)
+                assert (frame.kind, frame.name, frame.meta) == ("tensor", name, {"layer": 3})
+                assert frame.tensor is not None
+                assert frame.tensor.dtype == tensor.dtype and frame.tensor.shape == tensor.shape
+                assert torch.equal(
+                    frame.tensor.reshape(-1).view(torch.uint8),
+                    tensor.contiguous().reshape(-1).view(torch.uint8),
+                )
+            unchecked = await read_frame(reader, timeout=HANG_GUARD)
+            assert unchecked.tensor is not None and torch.equal(unchecked.tensor, tensors["f32"])
+
+    run(scenario())
+
+
+def test_corrupt_payload_is_a_checksum_error_and_the_stream_stays_in_step() -> None:
+    async def scenario() -> None:
+        async with connected_pair() as ((reader, _), (_, writer)):
+            frame = encode_tensor("k", torch.arange(64, dtype=torch.float32), meta={"layer": 2})
+            assert frame.payload is not None
+            damaged = bytearray(frame.payload)
+            damaged[17] ^= 0x01  # one bit flipped on the wire
+            writer.write(frame.header + bytes(damaged))
+            await send_message(writer, "after", {})
+            with pytest.raises(ChecksumError, match=r"tensor 'k' .* is corrupt") as caught:
+                await read_frame(reader, timeout=HANG_GUARD)
+            assert caught.value.meta == {"layer": 2} and caught.value.name == "k"
+            after = await read_frame(reader, timeout=HANG_GUARD)
+            assert after.kind == "after"
+
+    run(scenario())
+
+
+def test_a_peer_closing_mid_frame_is_peer_gone_naming_it_and_the_frame() -> None:
+    async def scenario() -> None:
+        async with connected_pair() as ((reader, _), (_, writer)):
+            frame = encode_tensor("v", torch.zeros(1000))
+            assert frame.payload is not None
+            writer.write(frame.header + bytes(frame.payload)[:1000])
+            await writer.drain()
+            port = writer.get_extra_info("sockname")[1]
+            writer.close()
+            with pytest.raises(
+                PeerGone,
+                match=rf"127\.0\.0\.1:{port} closed .* after 1000 of 4000 bytes of tensor 'v'",
+            ):
+                await read_frame(reader, timeout=HANG_GUARD)
+            with pytest.raises(PeerGone, match="while a frame was expected"):
+                await read_frame(reader, timeout=HANG_GUARD)
+
+    run(scenario())
+
+
+def test_read_timeout_and_garbage() -> None:
+    async def scenario() -> None:
+        async with connected_pair() as ((reader, _), (_, writer)):
+            with pytest.raises(TransportTimeout, match="while expecting the reply"):
+                await read_frame(reader, timeout=0.05, expecting="the reply")
+            writer.write(b"GET / HTTP/1.1\r\n\r\n")
+            with pytest.raises(FrameError, match="not this protocol"):
+                await read_frame(reader, timeout=HANG_GUARD)
+
+    run(scenario())
+
+
+# --- KV transfer --------------------------------------------------------------------------
+
+
+def layer_kv(seed: int, layer: int) -> tuple[Any, Any]:
+    """Deterministic K (fp32) and V (bf16) of a layer: the sender process builds the same."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1000 + layer)
+    k = torch.randn(2, 64, 128, generator=g)
+    v = torch.randn(2, 64, 128, generator=g).to(torch.bfloat16)
+    return k, v
+
+
+SENDER_MAIN = """
+import asyncio, json, sys
+from kleave.workers.transport.kv_transfer import KVSender
+
+async def main(args):
+    sender = await KVSender.connect("127.0.0.1", args["port"])
+    rid, n = args["request_id"], args["num_layers"]
+    await sender.begin(rid, {"num_layers": n, "prompt_tokens": [1, 2, 3], "first_token": 42})
+    for layer in range(args.get("die_after", n)):
+        sender.send_layer(rid, layer, *layer_kv(args["seed"], layer))
+    if "die_after" in args:
+        await sender.flush()
+        print("flushed", flush=True)
+        await asyncio.sleep(3600)  # killed here, mid-transfer
+    stats = await sender.end(rid)
+    await sender.close()
+    print(json.dumps({"bytes": stats.bytes, "layers": stats.layers, "seconds": stats.seconds}))
+
+asyncio.run(main(json.loads(sys.argv[1])))
+"""
+
+
+async def start_python(main: str, helpers: list[Callable[..., Any]], args: dict[str, Any]) -> Any:
+    """A real child interpreter running ``main`` with ``helpers``' source and JSON ``args``."""
+    source = "\n".join(textwrap.dedent(inspect.getsource(h)) for h in helpers) + main
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from typing import Any\n" + source,
+        json.dumps(args),
+        stdout=asyncio.subprocess.PIPE,
+    )
+
+
+def test_kv_transfer_between_processes_is_bit_exact_with_right_stats() -> None:
+    num_layers, seed = 6, 3
+
+    async def scenario() -> None:
+        receiver = KVReceiver()
+        port = await receiver.start()
+        try:
+            args = {"port": port, "request_id": "req-1", "num_layers": num_layers, "seed": seed}
+            child = await start_python(SENDER_MAIN, [layer_kv], args)
+            received = await receiver.receive("req-1", timeout=HANG_GUARD)
+            out, _ = await child.communicate()
+            assert child.returncode == 0
+            stats = json.loads(out)
+        finally:
+            await receiver.close()
+        expected = [layer_kv(seed, layer) for layer in range(num_layers)]
+        total = sum(k.nbytes + v.nbytes for k, v in expected)
+        assert received.meta == {
+            "num_layers": num_layers,
+            "prompt_tokens": [1, 2, 3],
+            "first_token": 42,
+        }
+        assert len(received.layers) == num_layers
+        for (k, v), (k_want, v_want) in zip(received.layers, expected, strict=True):
+            assert k.dtype == torch.float32 and v.dtype == torch.bfloat16
+            assert torch.equal(k, k_want) and torch.equal(v, v_want)
+        assert received.bytes == stats["bytes"] == total
+        assert stats["layers"] == num_layers and stats["seconds"] > 0 and received.seconds > 0
+
+    run(scenario())
+
+
+def test_a_sender_killed_mid_transfer_fails_the_receive_with_its_progress() -> None:
+    async def scenario() -> None:
+        receiver = KVReceiver()
+        port = await receiver.start()
+        args = {"port": port, "request_id": "req-k", "num_layers": 24, "seed": 1, "die_after": 3}
+        child = await start_python(SENDER_MAIN, [layer_kv], args)
+        try:
+            assert child.stdout is not None
+            assert (await child.stdout.readline()).strip() == b"flushed"
+            child.send_signal(signal.SIGKILL)
+            await child.wait()
+            with pytest.raises(
+                KVTransferError,
+                match=r"^prefill peer 127\.0\.0\.1:\d+ disappeared after 3 of 24 layers "
+                r"of request req-k$",
+            ):
+                await receiver.receive("req-k", timeout=HANG_GUARD)
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+            await receiver.close()
+
+    run(scenario())
+
+
+def test_receive_timeouts_name_what_is_missing() -> None:
+    async def scenario() -> None:
+        receiver = KVReceiver()
+        port = await receiver.start()
+        sender = await KVSender.connect("127.0.0.1", port)
+        try:
+            with pytest.raises(KVTransferError, match="request nobody: no KV transfer began"):
+                await receiver.receive("nobody", timeout=0.05)
+            await sender.begin("half", {"num_layers": 4})
+            for layer in (0, 2):
+                sender.send_layer("half", layer, *layer_kv(0, layer))
+            await sender.flush()
+            with pytest.raises(
+                KVTransferError,
+                match=r"request half from prefill peer .* 2 of 4 layers received; "
+                r"missing layers 1, 3$",
+            ):
+                await receiver.receive("half", timeout=0.2)
+        finally:
+            await sender.close()
+            await receiver.close()
+
+    run(scenario())
+
+
+def test_a_corrupt_layer_fails_its_request_with_checksum_error_only() -> None:
+    async def scenario() -> None:
+        receiver = KVReceiver()
+        port = await receiver.start()
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await send_message(writer, "kv_hello", {"version": 1})
+            for rid in ("bad", "good"):
+                await send_message(
+                    writer, "kv_begin", {"request_id": rid, "meta": {"num_layers": 1}}
+                )
+            k, v = layer_kv(5, 0)
+            bad_k = encode_tensor("k", k, kind="kv_layer", meta={"request_id": "bad", "layer": 0})
+            assert bad_k.payload is not None
+            damaged = bytearray(bad_k.payload)
+            damaged[-1] ^= 0x80
+            writer.write(bad_k.header + bytes(damaged))
+            nbytes = 0
+            for name, tensor in (("k", k), ("v", v)):
+                meta = {"request_id": "good", "layer": 0}
+                await write_encoded(writer, encode_tensor(name, tensor, kind="kv_layer", meta=meta))
+                nbytes += tensor.nbytes
+            await send_message(
+                writer, "kv_end", {"request_id": "good", "layers": 1, "bytes": nbytes}
+            )
+            with pytest.raises(ChecksumError, match=r"tensor 'k' \(kv_layer.*'bad'.* is corrupt"):
+                await receiver.receive("bad", timeout=HANG_GUARD)
+            good = await receiver.receive("good", timeout=HANG_GUARD)
+            assert torch.equal(good.layers[0][0], k) and torch.equal(good.layers[0][1], v)
+        finally:
+            writer.close()
+            await receiver.close()
+
+    run(scenario())
+
+
+def test_send_layer_returns_before_the_bytes_are_written() -> None:
+    """The overlap: layers queue while the consumer reads nothing (no clock involved).
+
+    The consumer's receive buffer is pinned at 64 KiB, so the kernel holds at most a few MiB
+    of the 64 MiB queued: whatever send_layer returned before was not yet on the wire.
+    """
+    num_layers, shape = 8, (1024, 1024)  # 4 MiB per tensor, 64 MiB in all
+
+    async def scenario() -> None:
+        release, consumed = asyncio.Event(), asyncio.Event()
+        frames: list[Any] = []
+
+        async def slow_consumer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await release.wait()
+            while True:
+                frame = await read_frame(reader, timeout=HANG_GUARD)
+                frames.append(frame)
+                if frame.kind == "kv_end":
+                    break
+            consumed.set()
+            writer.close()
+
+        listener = socket.socket()
+        listener.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16
+        )  # accepted ones inherit it
+        listener.bind(("127.0.0.1", 0))
+        server = await asyncio.start_server(slow_consumer, sock=listener)
+        sender = await KVSender.connect("127.0.0.1", listener.getsockname()[1])
+        try:
+            await sender.begin("r", {"num_layers": num_layers})
+            kv = [
+                (torch.full(shape, float(i)), torch.full(shape, -float(i)))
+                for i in range(num_layers)
+            ]
+            for layer, (k, v) in enumerate(kv):
+                sender.send_layer("r", layer, k, v)
+            total = sum(k.nbytes + v.nbytes for k, v in kv)
+            assert sender.queued_bytes == total
+            assert sender.written_bytes < total // 2 and sender.pending_bytes > total // 2
+            end = asyncio.create_task(sender.end("r"))
+            await asyncio.sleep(0)
+            assert not end.done()  # end() waits for the wire, which waits for the consumer
+            release.set()
+            stats = await end
+            assert (stats.bytes, stats.layers) == (total, num_layers)
+            assert sender.written_bytes == total and sender.pending_bytes == 0
+            await consumed.wait()  # written is in the kernel, not yet read by the consumer
+        finally:
+            await sender.close()
+            server.close()
+        layers = [f for f in frames if f.kind == "kv_layer"]
+        assert [(f.meta["layer"], f.name) for f in layers] == [
+            (i, n) for i in range(num_layers) for n in ("k", "v")
+        ]
+        assert all(torch.equal(f.tensor, kv[f.meta["layer"]][f.name == "v"]) for f in layers)
+
+    run(scenario())
+
+
+def test_sender_refuses_misuse_and_reports_a_vanished_receiver() -> None:
+    async def scenario() -> None:
+        receiver = KVReceiver()
+        port = await receiver.start()
+        sender = await KVSender.connect("127.0.0.1", port)
+        try:
+            with pytest.raises(ValueError, match="num_layers"):
+                await sender.begin("x", {})
+            with pytest.raises(ValueError, match="not begun"):
+                sender.send_layer("x", 0, *layer_kv(0, 0))
+            await sender.begin("x", {"num_layers": 2})
+            sender.send_layer("x", 0, *layer_kv(0, 0))
+            with pytest.raises(ValueError, match="already sent"):
+                sender.send_layer("x", 0, *layer_kv(0, 0))
+            with pytest.raises(ValueError, match=r"layers 1 of 2 not sent"):
+                await sender.end("x")
+            await sender.abort("x", "prefill ran out of memory")
+            with pytest.raises(
+                KVTransferError, match="aborted request x after 1 of 2 layers: prefill ran out"
+            ):
+                await receiver.receive("x", timeout=HANG_GUARD)
+            await receiver.close()  # the decode worker goes away
+            big = torch.zeros(1 << 22)
+            await sender.begin("y", {"num_layers": 64})
+            with pytest.raises(
+                KVTransferError, match=rf"decode peer 127\.0\.0\.1:{port} went away"
+            ):
+                for layer in range(64):  # the writer notices the reset within a few layers
+                    sender.send_layer("y", layer, big, big)
+                    await sender.flush()
+        finally:
+            await sender.close()
+            await receiver.close()
+        with pytest.raises(KVTransferError, match="cannot connect"):
+            await KVSender.connect("127.0.0.1", port, timeout=5)
+
+    run(scenario())
+
+
+def test_gpu_backends_are_refused_with_a_reason() -> None:
+    with pytest.raises(BackendUnavailable, match="cuda_ipc"):
+        KVReceiver(backend="cuda_ipc")
+    with pytest.raises(BackendUnavailable, match="nccl"):
+        run(KVSender.connect("127.0.0.1", 1, backend="nccl"))
+    with pytest.raises(ValueError, match="unknown KV transfer backend"):
+        KVReceiver(backend="rdma")  # type: ignore[arg-type]
+
+
+def test_layer_ranges() -> None:
+    assert layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert layer_ranges([3]) == "3" and layer_ranges([]) == ""
