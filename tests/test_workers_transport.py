@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 else:
     torch = pytest.importorskip("torch")
 
+from kleave.workers.transport.af import FFNClient, FFNServer, RemoteFFNError
 from kleave.workers.transport.framing import (
     ChecksumError,
     FrameError,
@@ -454,3 +455,113 @@ def test_gpu_backends_are_refused_with_a_reason() -> None:
 def test_layer_ranges() -> None:
     assert layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
     assert layer_ranges([3]) == "3" and layer_ranges([]) == ""
+
+
+# --- attention <-> FFN exchange -----------------------------------------------------------
+
+
+def known_ffn(layer: int, h: Any) -> Any:
+    """The FFN worker's function: deterministic per layer; layer 999 blocks, layer -1 fails."""
+    import threading
+
+    import torch
+
+    if layer == 999:
+        print("blocked", flush=True)
+        threading.Event().wait()
+    if layer < 0:
+        raise ValueError(f"no layer {layer}")
+    return torch.relu(h) * (layer + 1) - 0.5 * layer
+
+
+FFN_SERVER_MAIN = """
+import asyncio
+from kleave.workers.transport.af import FFNServer
+
+async def main():
+    server = FFNServer(known_ffn, max_concurrency=2)
+    print(await server.start(), flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@asynccontextmanager
+async def ffn_server_process() -> AsyncIterator[tuple[Any, int]]:
+    child = await start_python(FFN_SERVER_MAIN, [known_ffn], {})
+    try:
+        assert child.stdout is not None
+        yield child, int(await child.stdout.readline())
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+
+def test_ffn_calls_to_another_process_are_exact_and_may_overlap() -> None:
+    async def scenario() -> None:
+        async with ffn_server_process() as (_, port):
+            client = await FFNClient.connect("127.0.0.1", port)
+            try:
+                g = torch.Generator().manual_seed(11)
+                inputs = [
+                    (layer % 6, torch.randn(1 + layer, 64, generator=g)) for layer in range(24)
+                ]
+                results = await asyncio.gather(*(client.ffn(layer, h) for layer, h in inputs))
+                for (layer, h), out in zip(inputs, results, strict=True):
+                    assert out.dtype == torch.float32 and torch.equal(out, known_ffn(layer, h))
+                with pytest.raises(RemoteFFNError, match="no layer -1"):
+                    await client.ffn(-1, inputs[0][1])
+                assert client.in_flight == 0
+            finally:
+                await client.close()
+
+    run(scenario())
+
+
+def test_a_killed_ffn_server_is_peer_gone_for_calls_in_flight_and_later() -> None:
+    async def scenario() -> None:
+        async with ffn_server_process() as (child, port):
+            client = await FFNClient.connect("127.0.0.1", port)
+            try:
+                h = torch.ones(4, 8)
+                assert torch.equal(await client.ffn(1, h), known_ffn(1, h))
+                stuck = asyncio.create_task(client.ffn(999, h))
+                assert (await child.stdout.readline()).strip() == b"blocked"
+                child.send_signal(signal.SIGKILL)
+                with pytest.raises(PeerGone, match=rf"FFN peer 127\.0\.0\.1:{port} closed"):
+                    await asyncio.wait_for(stuck, HANG_GUARD)
+                with pytest.raises(PeerGone, match="calls in flight are lost"):
+                    await client.ffn(2, h)  # fails at once: the reader already knows
+            finally:
+                await client.close()
+
+    run(scenario())
+
+
+def test_ffn_wire_dtypes_bf16_and_scaled_fp8() -> None:
+    async def scenario() -> None:
+        server = FFNServer(known_ffn)
+        port = await server.start()
+        h = torch.randn(16, 256, generator=torch.Generator().manual_seed(2)) * 40
+        want = known_ffn(3, h)
+        try:
+            bf16 = await FFNClient.connect("127.0.0.1", port, send_dtype=torch.bfloat16)
+            out = await bf16.ffn(3, h)
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+            await bf16.close()
+            if hasattr(torch, "float8_e4m3fn"):
+                fp8 = await FFNClient.connect(
+                    "127.0.0.1", port, send_dtype=torch.float8_e4m3fn, return_dtype=torch.bfloat16
+                )
+                out = await fp8.ffn(3, h)
+                scale = float(want.abs().max())
+                assert out.dtype == torch.float32 and not torch.equal(out, want)
+                assert float((out - want).abs().max()) < 0.07 * scale  # e4m3: 3 mantissa bits
+                await fp8.close()
+        finally:
+            await server.close()
+
+    run(scenario())
