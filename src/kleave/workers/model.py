@@ -1,0 +1,382 @@
+"""A compact MoE decoder, cut at the seams disaggregated serving needs.
+
+One `MoEDecoder` serves every role: a prefill worker runs `prefill` (full causal attention
+over the prompt) and ships the per-layer K/V; a decode worker writes them into its
+`PagedKVCache` and runs `decode_step` over a batch; in PDAF an attention worker runs
+`embed`/`attention_decode`/`logits` and an FFN worker runs `ffn`, exchanging `h` per layer.
+
+Architecture: RMSNorm (float32 statistics), rotary embeddings in the neox layout (the two
+halves of each head rotated together), grouped-query attention, and per layer either a
+dense SwiGLU FFN or an MoE FFN (softmax router over all experts, top-k, the top-k weights
+renormalized to sum to 1, plus shared experts that every token passes through). The lm head
+is untied from the embedding: with random weights a tied head makes each token its own
+likeliest successor, and greedy decoding would repeat one token forever.
+
+Parameter names (stable: safetensors files and the tests use them): `embedding`, `norm`,
+`lm_head`, and per layer `layers.{i}.attn.{norm,wq,wk,wv,wo}` and either
+`layers.{i}.ffn.{norm,gate_up,down}` (dense) or `layers.{i}.ffn.{norm,router,experts_gate_up,
+experts_down,shared_gate_up,shared_down}` (MoE). Projections are `[out, in]` (y = x @ W.T);
+gate_up stacks the gate rows over the up rows; the shared experts are stored concatenated as
+one SwiGLU of width `num_shared_experts * intermediate_size` (the same function as their sum).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from kleave.workers.config import ModelConfig
+from kleave.workers.kernels import fused_moe, paged_decode_attention
+from kleave.workers.kv_cache import PagedKVCache
+
+METADATA_KEY = "kleave.model_config"
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a ModelConfig's `dtype` string names."""
+    dtype = getattr(torch, name)
+    assert isinstance(dtype, torch.dtype)
+    return dtype
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, with the statistics in float32 (bf16 sums lose the small terms)."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate `x` `[T, heads, D]` by its positions `[T]`, neox style: dimension i pairs with
+    i + D/2 at frequency theta^(-2i/D). Angles in float32 so long positions stay exact."""
+    dim = x.shape[-1]
+    half = dim // 2
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / dim)
+    angles = positions.to(device=x.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    cos = angles.cos()[:, None, :]
+    sin = angles.sin()[:, None, :]
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    gate, up = (x @ gate_up.t()).chunk(2, dim=-1)
+    result: torch.Tensor = (functional.silu(gate) * up) @ down.t()
+    return result
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape), requires_grad=False)
+
+
+class _Attention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.norm = _param(c.hidden_size)
+        self.wq = _param(c.num_heads * c.head_dim, c.hidden_size)
+        self.wk = _param(c.num_kv_heads * c.head_dim, c.hidden_size)
+        self.wv = _param(c.num_kv_heads * c.head_dim, c.hidden_size)
+        self.wo = _param(c.hidden_size, c.num_heads * c.head_dim)
+
+
+class _DenseFFN(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.norm = _param(c.hidden_size)
+        self.gate_up = _param(2 * c.intermediate_size, c.hidden_size)
+        self.down = _param(c.hidden_size, c.intermediate_size)
+
+
+class _MoEFFN(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.norm = _param(c.hidden_size)
+        self.router = _param(c.num_experts, c.hidden_size)
+        self.experts_gate_up = _param(c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size)
+        self.experts_down = _param(c.num_experts, c.hidden_size, c.moe_intermediate_size)
+        shared = c.num_shared_experts * c.intermediate_size
+        self.shared_gate_up: nn.Parameter | None = None
+        self.shared_down: nn.Parameter | None = None
+        if shared:
+            self.shared_gate_up = _param(2 * shared, c.hidden_size)
+            self.shared_down = _param(c.hidden_size, shared)
+
+
+class _Layer(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.attn = _Attention(c)
+        self.ffn: _DenseFFN | _MoEFFN = _MoEFFN(c) if c.is_moe else _DenseFFN(c)
+
+
+def _init_std(name: str, tensor: torch.Tensor, c: ModelConfig) -> float | None:
+    """The init std of a parameter, None for norm weights (ones).
+
+    Inputs are scaled by 1/sqrt(fan_in) so every layer mixes; output projections (wo, down)
+    further by 1/sqrt(2 * layers) so the residual stream does not grow with depth; the
+    embedding has unit std and the lm head 1/sqrt(hidden), so logits have a std near 1:
+    random-weight greedy decoding then follows the context instead of a fixed point.
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "norm":
+        return None
+    if leaf == "embedding":
+        return 1.0
+    depth = 1.0 / math.sqrt(2 * c.num_layers)
+    fan_in = tensor.shape[-1]
+    if leaf in ("wo", "down", "experts_down", "shared_down"):
+        return depth / math.sqrt(fan_in)
+    return 1.0 / math.sqrt(fan_in)
+
+
+class MoEDecoder(nn.Module):
+    """The decoder. All compute methods run under torch.inference_mode."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        random_init: bool = True,
+    ) -> None:
+        """Random weights from `seed`, drawn on the CPU in float32 parameter by parameter, so
+        every worker (CPU or GPU) that builds the model from the same seed holds the same
+        weights. `random_init=False` leaves them uninitialized (for loading)."""
+        super().__init__()
+        self.config = config
+        c = config
+        self.embedding = _param(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
+        self.norm = _param(c.hidden_size)
+        self.lm_head = _param(c.vocab_size, c.hidden_size)
+        if random_init:
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for name, param in self.named_parameters():
+                    std = _init_std(name, param, c)
+                    if std is None:
+                        param.fill_(1.0)
+                    else:
+                        param.normal_(0.0, std, generator=generator)
+        self.to(device=device, dtype=torch_dtype(c.dtype))
+
+    def _layer(self, index: int) -> _Layer:
+        layer = self.layers[index]
+        assert isinstance(layer, _Layer)
+        return layer
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.dtype
+
+    # ----- safetensors ------------------------------------------------------------------------
+    def save_safetensors(self, path: str | Path) -> None:
+        """Write the weights with the config as metadata (`from_safetensors` needs no config)."""
+        from safetensors.torch import save_file
+
+        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(self.config.to_dict())})
+
+    @classmethod
+    def from_safetensors(
+        cls,
+        path: str | Path,
+        config: ModelConfig | None = None,
+        device: str | torch.device = "cpu",
+    ) -> MoEDecoder:
+        """Load weights; the config comes from the file's metadata unless given."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if config is None:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            if METADATA_KEY not in metadata:
+                raise ValueError(
+                    f"{path} has no {METADATA_KEY!r} metadata; pass the ModelConfig explicitly"
+                )
+            config = ModelConfig.from_dict(json.loads(metadata[METADATA_KEY]))
+        model = cls(config, device=device, random_init=False)
+        model.load_state_dict(load_file(str(path), device=str(model.device)), strict=True)
+        return model
+
+    # ----- pieces -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """long `[T]` -> `[T, hidden]`."""
+        return functional.embedding(tokens.to(self.device), self.embedding)
+
+    def _qkv(
+        self, layer: int, h: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.config
+        attn = self._layer(layer).attn
+        x = rms_norm(h, attn.norm, c.rms_norm_eps)
+        q = (x @ attn.wq.t()).view(-1, c.num_heads, c.head_dim)
+        k = (x @ attn.wk.t()).view(-1, c.num_kv_heads, c.head_dim)
+        v = (x @ attn.wv.t()).view(-1, c.num_kv_heads, c.head_dim)
+        return rotary(q, positions, c.rope_theta), rotary(k, positions, c.rope_theta), v
+
+    @torch.inference_mode()
+    def attention_prefill(
+        self, layer: int, h: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sequence's causal self-attention: `h` `[T, hidden]` -> (h + attention, rotated
+        K `[T, Hkv, D]`, V `[T, Hkv, D]`). Attends only within these T tokens."""
+        c = self.config
+        q, k, v = self._qkv(layer, h, positions)
+        group = c.num_heads // c.num_kv_heads
+        out = functional.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.repeat_interleave(group, dim=1).transpose(0, 1),
+            v.repeat_interleave(group, dim=1).transpose(0, 1),
+            is_causal=True,
+            scale=1.0 / math.sqrt(c.head_dim),
+        )  # [H, T, D]
+        out = out.transpose(0, 1).reshape(h.shape[0], c.num_heads * c.head_dim)
+        return h + out @ self._layer(layer).attn.wo.t(), k, v
+
+    @torch.inference_mode()
+    def attention_decode(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache,
+        seq_ids: list[int],
+    ) -> torch.Tensor:
+        """One new token per sequence: write its K/V into `cache` at `positions` `[B]`, attend
+        over the sequence's positions 0..position through the paged cache; h + attention.
+
+        `positions` is read on the host (cheapest when it lives on the CPU); each must be the
+        sequence's written length in this layer (append) or less (overwrite).
+        """
+        c = self.config
+        pos_list = [int(p) for p in positions.tolist()]
+        q, k, v = self._qkv(layer, h, positions)
+        cache.write_tokens(seq_ids, layer, pos_list, k, v)
+        context_lens = torch.tensor([p + 1 for p in pos_list], dtype=torch.int32)
+        out = paged_decode_attention(
+            q,
+            cache.k[layer],
+            cache.v[layer],
+            cache.block_table(seq_ids),
+            context_lens.to(cache.device),
+            1.0 / math.sqrt(c.head_dim),
+        )
+        out = out.to(h.dtype).reshape(h.shape[0], c.num_heads * c.head_dim)
+        return h + out @ self._layer(layer).attn.wo.t()
+
+    def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router on normed `x`: softmax over all experts in float32, top-k, the top-k
+        weights renormalized to sum to 1. -> (weights float32 `[N, k]`, ids long `[N, k]`)."""
+        ffn = self._layer(layer).ffn
+        assert isinstance(ffn, _MoEFFN)
+        probs = torch.softmax(x.float() @ ffn.router.float().t(), dim=-1)
+        weights, ids = torch.topk(probs, self.config.num_experts_per_tok, dim=-1)
+        return weights / weights.sum(dim=-1, keepdim=True), ids
+
+    @torch.inference_mode()
+    def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """`[N, hidden]` -> h + FFN(norm(h)): routed experts via fused_moe plus the shared
+        experts, or the dense SwiGLU."""
+        ffn = self._layer(layer).ffn
+        x = rms_norm(h, ffn.norm, self.config.rms_norm_eps)
+        if isinstance(ffn, _DenseFFN):
+            return h + _swiglu(x, ffn.gate_up, ffn.down)
+        weights, ids = self.route(layer, x)
+        out = fused_moe(x, ffn.experts_gate_up, ffn.experts_down, weights, ids)
+        if ffn.shared_gate_up is not None and ffn.shared_down is not None:
+            out = out + _swiglu(x, ffn.shared_gate_up, ffn.shared_down)
+        return h + out
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm head: `[N, hidden]` -> float32 `[N, vocab]`."""
+        return (rms_norm(h, self.norm, self.config.rms_norm_eps) @ self.lm_head.t()).float()
+
+    # ----- whole passes -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(
+        self, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One sequence from position 0: the last position's logits `[vocab]` and each layer's
+        (K, V) `[T, Hkv, D]` (what a prefill worker sends)."""
+        tokens = tokens.to(self.device)
+        positions = torch.arange(tokens.shape[0], device=self.device)
+        h = self.embed(tokens)
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in range(self.config.num_layers):
+            h, k, v = self.attention_prefill(layer, h, positions)
+            kv.append((k, v))
+            h = self.ffn(layer, h)
+        return self.logits(h[-1:])[0], kv
+
+    @torch.inference_mode()
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache,
+        seq_ids: list[int],
+    ) -> torch.Tensor:
+        """One token per sequence `[B]` at `positions` `[B]` -> float32 logits `[B, vocab]`."""
+        h = self.embed(tokens)
+        for layer in range(self.config.num_layers):
+            h = self.attention_decode(layer, h, positions, cache, seq_ids)
+            h = self.ffn(layer, h)
+        return self.logits(h)
+
+
+def generate_greedy(
+    model: MoEDecoder,
+    prompt: list[int],
+    max_new_tokens: int,
+    *,
+    eos_token: int | None = None,
+    block_size: int = 16,
+) -> list[int]:
+    """The single-process reference the PD/PDAF paths must reproduce: prefill the prompt,
+    write its K/V into a fresh PagedKVCache, then decode_step one token at a time (argmax).
+
+    Returns the generated tokens (not the prompt); stops after `max_new_tokens` or after
+    emitting `eos_token` (which is included).
+    """
+    if not prompt:
+        raise ValueError("generate_greedy needs a non-empty prompt")
+    if max_new_tokens <= 0:
+        return []
+    total = len(prompt) + max_new_tokens
+    cache = PagedKVCache(
+        model.config,
+        num_blocks=-(-total // block_size),
+        block_size=block_size,
+        device=model.device,
+        dtype=model.dtype,
+    )
+    seq = 0
+    logits, kv = model.prefill(torch.tensor(prompt, dtype=torch.long))
+    for layer, (k, v) in enumerate(kv):
+        cache.write(seq, layer, 0, k, v)
+    out = [int(logits.argmax())]
+    while len(out) < max_new_tokens and out[-1] != eos_token:
+        position = len(prompt) + len(out) - 1
+        step = model.decode_step(
+            torch.tensor([out[-1]], dtype=torch.long),
+            torch.tensor([position], dtype=torch.long),
+            cache,
+            [seq],
+        )
+        out.append(int(step[0].argmax()))
+    return out
