@@ -104,7 +104,7 @@ def test_the_report_compares_warm_with_cold_and_flags_wrong_sources() -> None:
     assert "| warm: create → Ready (SDK) | 4 | 4/4 Warm | 55.0 | 67.0 |" in text
     assert "| cold: create → Ready (SDK) | 2 | 2/2 Cold | 950 |" in text
     assert "claim.latencyMs (operator)" in text
-    assert "**17.3x** faster" in text
+    assert "Cold p50 / warm p50 (SDK): **17.27x** (batches of 4 warm and 2 cold" in text
     assert "| snapshot (POST /v1/snapshot) | 100.0 | 500 | 101.0 | 0.500 | 200.0 |" in text
     assert "| restore (POST /v1/restore) | 100.0 | 500 | 101.0 | 0.250 | 400.0 |" in text
 

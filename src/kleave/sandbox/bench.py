@@ -20,13 +20,15 @@ from the wrong source: a benchmark that quietly measured cold starts as warm one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+import signal
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -417,6 +419,20 @@ async def run_snapshot(megabytes: float) -> SnapshotResult:
         return await measure_snapshot(Path(workdir), int(megabytes * MB))
 
 
+async def _until_stopped(work: Coroutine[Any, Any, BenchReport]) -> BenchReport:
+    """Run the bench as a task that SIGTERM cancels like Ctrl-C does, so a killed run still
+    reaches its cleanup (``finally`` blocks) instead of leaving the namespace behind."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
 def _key_value(values: tuple[str, ...]) -> dict[str, str]:
     pairs = {}
     for value in values:
@@ -547,9 +563,12 @@ def sandbox_bench_command(
         kubeconfig=kubeconfig,
     )
     try:
-        report = asyncio.run(run_bench(settings))
+        report = asyncio.run(_until_stopped(run_bench(settings)))
     except SandboxError as error:
         raise click.ClickException(str(error)) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        _progress("interrupted: deleted what the run had created")
+        sys.exit(130)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else render_markdown(report))
     if not report.ok:
         _progress("some claims failed or came from the wrong source (see the report)")

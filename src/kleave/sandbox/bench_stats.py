@@ -212,8 +212,12 @@ def render_markdown(report: BenchReport) -> str:
                 )
             )
         speedup = warm_speedup(report)
-        if speedup is not None:
-            lines += ["", f"Warm claims are **{speedup:.1f}x** faster than cold starts (p50, SDK)."]
+        if speedup is not None and report.warm and report.cold:
+            lines += [
+                "",
+                f"Cold p50 / warm p50 (SDK): **{speedup:.2f}x** (batches of "
+                f"{report.warm.claims} warm and {report.cold.claims} cold claims at once).",
+            ]
         for batch in batches:
             if batch.failures:
                 lines += ["", f"{len(batch.failures)} {batch.label} claims failed:"]

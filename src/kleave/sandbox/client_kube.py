@@ -250,7 +250,9 @@ def describe(obj: Mapping[str, Any] | None) -> str:
     if obj is None:
         return "no object seen"
     status = obj.get("status") or {}
-    parts = [f"phase {status.get('phase') or 'unset'}"]
+    if not status:
+        return "no status yet"
+    parts = [f"phase {status['phase']}"] if status.get("phase") else []
     for kind, condition in conditions_of(obj).items():
         text = f"{kind}={condition.get('status')}"
         reason, message = condition.get("reason"), condition.get("message")
