@@ -25,6 +25,14 @@ else:
     torch = pytest.importorskip("torch")
 
 from kleave.workers.transport.af import FFNClient, FFNServer, RemoteFFNError
+from kleave.workers.transport.ep import (
+    DispatchResult,
+    DistributedEPGroup,
+    EPBuffer,
+    LocalEPBuffer,
+    LocalEPGroups,
+    get_dispatch_layout,
+)
 from kleave.workers.transport.framing import (
     ChecksumError,
     FrameError,
@@ -565,3 +573,249 @@ def test_ffn_wire_dtypes_bf16_and_scaled_fp8() -> None:
             await server.close()
 
     run(scenario())
+
+
+# --- expert parallelism (DeepEP's tests, on gloo processes and in one process) -------------
+
+EP_EXPERTS, EP_HIDDEN, EP_TOPK, EP_WORLD = 16, 32, 4, 4
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepEP's similarity measure: 0 for equal tensors, < 5e-6 passes."""
+    if x.numel() == 0:
+        return 0.0
+    x, y = x.double() + 1, y.double() + 1
+    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
+
+
+def random_topk(tokens: int, generator: torch.Generator, drop: float = 0.2) -> torch.Tensor:
+    """Distinct experts per token, a fraction of slots dropped to -1 (as capacity limits do)."""
+    scores = torch.rand(tokens, EP_EXPERTS, generator=generator)
+    topk = scores.topk(EP_TOPK, dim=1).indices
+    topk[torch.rand(tokens, EP_TOPK, generator=generator) < drop] = -1
+    return topk
+
+
+def reference_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain Python loops over DeepEP's definition."""
+    per_rank = num_experts // num_ranks
+    per_expert, per_rank_counts = [0] * num_experts, [0] * num_ranks
+    in_rank = [[False] * num_ranks for _ in range(topk_idx.shape[0])]
+    for token, experts in enumerate(topk_idx.tolist()):
+        for expert in experts:
+            if expert >= 0:
+                per_expert[expert] += 1
+                in_rank[token][expert // per_rank] = True
+        for rank in range(num_ranks):
+            per_rank_counts[rank] += in_rank[token][rank]
+    return (
+        torch.tensor(per_rank_counts, dtype=torch.int32),
+        torch.tensor(per_expert, dtype=torch.int32),
+        torch.tensor(in_rank, dtype=torch.bool).reshape(topk_idx.shape[0], num_ranks),
+    )
+
+
+@pytest.mark.parametrize(
+    ("tokens", "num_ranks", "seed"), [(0, 4, 0), (1, 2, 1), (97, 4, 2), (256, 8, 3)]
+)
+def test_dispatch_layout_equals_the_reference(tokens: int, num_ranks: int, seed: int) -> None:
+    topk_idx = random_topk(tokens, torch.Generator().manual_seed(seed))
+    if tokens:
+        topk_idx[0] = -1  # a token routed nowhere
+    layout = get_dispatch_layout(topk_idx, EP_EXPERTS, num_ranks)
+    for got, want in zip(layout, reference_layout(topk_idx, EP_EXPERTS, num_ranks), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    with pytest.raises(ValueError, match="do not split evenly"):
+        get_dispatch_layout(topk_idx, EP_EXPERTS, 3)
+
+
+def ep_inputs(rank: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    tokens = 0 if seed == 1 and rank == 2 else 24 + 8 * rank  # seed 1: one rank has no tokens
+    topk_idx = random_topk(tokens, g)
+    return {
+        "x": torch.full((tokens, EP_HIDDEN), float(rank), dtype=torch.bfloat16),
+        "topk_idx": topk_idx,
+        "topk_weights": torch.rand(tokens, EP_TOPK, generator=g),
+        "x_rand": torch.randn(tokens, EP_HIDDEN, generator=g),
+    }
+
+
+def experts_apply(
+    recv_x: torch.Tensor, recv_topk_idx: torch.Tensor, weights: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """The receiving rank's experts, weighted: global expert e scales its input by e + 1."""
+    base = rank * (EP_EXPERTS // EP_WORLD)
+    scale = torch.where(recv_topk_idx >= 0, recv_topk_idx + base + 1, 0).to(recv_x.dtype)
+    return recv_x * (weights * scale).sum(dim=1, keepdim=True)
+
+
+def moe_reference(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The same MoE computed without any exchange."""
+    idx, w = inputs["topk_idx"], inputs["topk_weights"]
+    scale = torch.where(idx >= 0, idx + 1, 0).to(w.dtype)
+    return inputs["x_rand"] * (w * scale).sum(dim=1, keepdim=True)
+
+
+def check_rank(
+    rank: int,
+    inputs: dict[str, torch.Tensor],
+    *,
+    result: DispatchResult,
+    combined: torch.Tensor,
+    moe: torch.Tensor,
+    global_per_rank: torch.Tensor,
+    global_per_expert: torch.Tensor,
+) -> None:
+    """DeepEP's checks for one rank, given the all-reduced layout counts."""
+    per_rank = EP_EXPERTS // EP_WORLD
+    recv_counts = result.handle.recv_counts
+    assert sum(recv_counts) == result.recv_x.shape[0] == int(global_per_rank[rank])
+    source = torch.repeat_interleave(torch.arange(EP_WORLD), torch.tensor(recv_counts))
+    assert torch.equal(result.recv_x.float(), source[:, None].float().expand_as(result.recv_x))
+    idx = result.recv_topk_idx
+    assert bool(((idx == -1) | ((idx >= 0) & (idx < per_rank))).all())
+    counts = [int((idx == e).sum()) for e in range(per_rank)]
+    want = global_per_expert[rank * per_rank : (rank + 1) * per_rank].tolist()
+    assert result.num_recv_tokens_per_expert == counts == want
+    assert bool((result.recv_topk_weights[idx == -1] == 0).all())
+    fan_out = result.handle.is_token_in_rank.sum(dim=1, keepdim=True)
+    assert calc_diff(combined.float(), inputs["x"].float() * fan_out) < 5e-6
+    assert calc_diff(moe, moe_reference(inputs)) < 5e-6
+    torch.testing.assert_close(moe, moe_reference(inputs))
+
+
+def ep_rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One gloo rank (spawned): DeepEP's checks on both exchange paths, results saved."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=HANG_GUARD),
+    )
+    try:
+        saved: dict[str, Any] = {}
+        for seed in (0, 1):
+            inputs = ep_inputs(rank, seed)
+            per_rank, per_expert, _ = get_dispatch_layout(inputs["topk_idx"], EP_EXPERTS, world)
+            dist.all_reduce(per_rank)
+            dist.all_reduce(per_expert)
+            for path in (None, False):  # all_to_all_single; isend/irecv pairs
+                buffer = EPBuffer(DistributedEPGroup(use_all_to_all=path), EP_EXPERTS, EP_HIDDEN)
+                result = buffer.dispatch(inputs["x"], inputs["topk_idx"], inputs["topk_weights"])
+                combined = buffer.combine(result.recv_x, result.handle)
+                rand = buffer.dispatch(inputs["x_rand"], inputs["topk_idx"], inputs["topk_weights"])
+                out = experts_apply(rand.recv_x, rand.recv_topk_idx, rand.recv_topk_weights, rank)
+                moe = buffer.combine(out, rand.handle)
+                check_rank(
+                    rank,
+                    inputs,
+                    result=result,
+                    combined=combined,
+                    moe=moe,
+                    global_per_rank=per_rank,
+                    global_per_expert=per_expert,
+                )
+                saved[f"{seed}/{path}"] = {
+                    "recv_x": result.recv_x,
+                    "recv_topk_idx": result.recv_topk_idx,
+                    "recv_topk_weights": result.recv_topk_weights,
+                    "counts": result.num_recv_tokens_per_expert,
+                    "combined": combined,
+                    "moe": moe,
+                }
+        torch.save(saved, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_local_ep(seed: int) -> list[dict[str, Any]]:
+    """All EP_WORLD ranks in this process; the same checks as the distributed ranks."""
+    inputs = [ep_inputs(rank, seed) for rank in range(EP_WORLD)]
+    buffer = LocalEPBuffer(LocalEPGroups(EP_WORLD), EP_EXPERTS, EP_HIDDEN)
+    results = buffer.dispatch(
+        [i["x"] for i in inputs],
+        [i["topk_idx"] for i in inputs],
+        [i["topk_weights"] for i in inputs],
+    )
+    combined = buffer.combine([r.recv_x for r in results], [r.handle for r in results])
+    rand = buffer.dispatch(
+        [i["x_rand"] for i in inputs],
+        [i["topk_idx"] for i in inputs],
+        [i["topk_weights"] for i in inputs],
+    )
+    outs = [
+        experts_apply(r.recv_x, r.recv_topk_idx, r.recv_topk_weights, rank)
+        for rank, r in enumerate(rand)
+    ]
+    moe = buffer.combine(outs, [r.handle for r in rand])
+    layouts = [get_dispatch_layout(i["topk_idx"], EP_EXPERTS, EP_WORLD) for i in inputs]
+    per_rank = torch.stack([lay[0] for lay in layouts]).sum(dim=0)
+    per_expert = torch.stack([lay[1] for lay in layouts]).sum(dim=0)
+    saved = []
+    for rank in range(EP_WORLD):
+        check_rank(
+            rank,
+            inputs[rank],
+            result=results[rank],
+            combined=combined[rank],
+            moe=moe[rank],
+            global_per_rank=per_rank,
+            global_per_expert=per_expert,
+        )
+        saved.append(
+            {
+                "recv_x": results[rank].recv_x,
+                "recv_topk_idx": results[rank].recv_topk_idx,
+                "recv_topk_weights": results[rank].recv_topk_weights,
+                "counts": results[rank].num_recv_tokens_per_expert,
+                "combined": combined[rank],
+                "moe": moe[rank],
+            }
+        )
+    return saved
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ep_dispatch_combine_in_one_process(seed: int) -> None:
+    run_local_ep(seed)
+
+
+def test_ep_dispatch_combine_over_four_gloo_processes_matches_local_mode(tmp_path: Any) -> None:
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(  # type: ignore[attr-defined,no-untyped-call]
+        ep_rank_main, args=(EP_WORLD, free_port(), str(tmp_path)), nprocs=EP_WORLD, join=False
+    )
+    deadline = time.monotonic() + HANG_GUARD * 3  # a hang guard, not a speed assertion
+    try:
+        while not context.join(timeout=1.0):
+            assert time.monotonic() < deadline, "EP ranks hung"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    for seed in (0, 1):
+        local = run_local_ep(seed)
+        for rank in range(EP_WORLD):
+            saved = torch.load(tmp_path / f"rank{rank}.pt")
+            for path in ("None", "False"):
+                distributed = saved[f"{seed}/{path}"]
+                assert distributed["counts"] == local[rank]["counts"]
+                for key in ("recv_x", "recv_topk_idx", "recv_topk_weights", "combined", "moe"):
+                    assert torch.equal(distributed[key], local[rank][key]), (seed, rank, path, key)
