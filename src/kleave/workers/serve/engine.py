@@ -1,0 +1,421 @@
+"""Continuous batching over the paged KV cache: the decode side of every worker that streams.
+
+One loop, one iteration at a time: admit waiting requests while the cache has blocks for them,
+then one `decode` for every running sequence together, then hand each sequence its token. A
+request enters in one of three ways, and all three leave it in the same state (its context's
+K/V in the cache, its last output token to be fed next):
+
+* fresh (colocated): the engine runs its prefill, which also yields the first token;
+* with received KV (PD/PDAF decode): the prefill worker's K/V are copied into the cache and the
+  prefill worker's first token is the first output;
+* preempted: when a running sequence needs a block and none is free, the youngest running
+  sequence is evicted (its blocks freed, its output kept) and later recomputed by a prefill
+  over prompt + output, as vLLM's recompute preemption does. Greedy output stays the same.
+
+A request that could never fit (its prompt plus ``max_tokens`` needs more blocks than the cache
+has, or more positions than the model) is refused up front with the field to change, so nothing
+waits forever. The cache and the model are touched only by this loop (between its awaits on
+the model thread), so no lock is needed and an abort never frees blocks under a running step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kleave.workers.kv_cache import PagedKVCache
+from kleave.workers.serve.forward import Forward, KVLayers, ModelThread
+from kleave.workers.serve.metrics import WorkerMetrics
+from kleave.workers.serve.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+
+class RejectedRequestError(ValueError):
+    """A request this worker will never run; `field` is the request field to change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int
+    index: int
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str  # "stop" (a stop token) or "length" (max_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    message: str
+    status: int = 500
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+@dataclass(eq=False)
+class _Sequence:
+    request_id: str
+    seq_id: int
+    prompt: list[int]
+    params: SamplingParams
+    arrival: float
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    output: list[int] = field(default_factory=list)
+    kv: KVLayers | None = None  # received prompt K/V, until copied into the cache
+    last_token_at: float = 0.0
+    done: bool = False
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens whose K/V the next step needs in the cache, its own new token included."""
+        return len(self.prompt) + max(len(self.output), 1)
+
+
+class RequestStream:
+    """One request's events; leaving the iteration early aborts the request."""
+
+    def __init__(self, engine: Engine, seq: _Sequence) -> None:
+        self._engine = engine
+        self._seq = seq
+        self.request_id = seq.request_id
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        try:
+            while True:
+                event = await self._seq.events.get()
+                yield event
+                if not isinstance(event, TokenEvent):
+                    return
+        finally:
+            if not self._seq.done:
+                self._engine.abort(self.request_id)
+
+
+class Engine:
+    """Continuous batching of one worker; `start()` it inside the server's event loop."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        cache: PagedKVCache,
+        thread: ModelThread,
+        metrics: WorkerMetrics,
+        *,
+        max_model_len: int,
+        max_num_seqs: int = 64,
+        max_prefill_tokens: int = 2048,
+    ) -> None:
+        self.forward = forward
+        self.cache = cache
+        self.thread = thread
+        self.metrics = metrics
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.pending = 0  # requests a server holds before submit (waiting for their KV)
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._by_id: dict[str, _Sequence] = {}
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None
+
+    # ----- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="engine")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for seq in [*self._running, *self._waiting]:
+            self._fail(seq, "the worker is shutting down", 503)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # ----- requests ---------------------------------------------------------------------------
+    def check(self, prompt_len: int, params: SamplingParams) -> None:
+        """Refuse what can never run here, naming the request field to change."""
+        if prompt_len < 1:
+            raise RejectedRequestError("prompt", "the prompt must contain at least one token")
+        total = prompt_len + params.max_tokens
+        if total > self.max_model_len:
+            raise RejectedRequestError(
+                "max_tokens",
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) is "
+                f"{total} tokens, over this model's context of {self.max_model_len}",
+            )
+        need = self.cache.blocks_for(total)
+        if need > self.cache.num_blocks:
+            raise RejectedRequestError(
+                "max_tokens",
+                f"the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) needs "
+                f"{need} KV blocks of {self.cache.block_size} tokens and this worker's cache "
+                f"has {self.cache.num_blocks} in all: lower max_tokens or shorten the prompt",
+            )
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        first_token: int | None = None,
+        kv: KVLayers | None = None,
+        arrival: float | None = None,
+    ) -> RequestStream:
+        """Queue a request: fresh (`first_token`/`kv` None) or with its prefill done elsewhere."""
+        if self.failure is not None or not self.alive:
+            raise RuntimeError(f"the engine is not running: {self.failure!r}")
+        if request_id in self._by_id:
+            raise RejectedRequestError(
+                "request_id", f"request {request_id} is already running here"
+            )
+        self.check(len(prompt), params)
+        if (first_token is None) != (kv is None):
+            raise ValueError("a request with received KV needs both kv and first_token")
+        if kv is not None:
+            self._check_kv(kv, len(prompt))
+        seq = _Sequence(
+            request_id,
+            next(self._ids),
+            list(prompt),
+            params,
+            arrival if arrival is not None else time.perf_counter(),
+            kv=kv,
+        )
+        self._by_id[request_id] = seq
+        self.metrics.prompt_tokens.inc(len(prompt))
+        if first_token is not None:
+            self._emit(seq, first_token)  # already computed: stream it without waiting
+        if not seq.done:
+            self._waiting.append(seq)
+            self._wake.set()
+        self._gauges()
+        return RequestStream(self, seq)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request whose client went away; its blocks are freed between steps."""
+        seq = self._by_id.get(request_id)
+        if seq is None or seq.done:
+            return
+        self._finish(seq, "abort", notify=False)
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(seq)
+        self._wake.set()
+
+    def _check_kv(self, kv: KVLayers, prompt_len: int) -> None:
+        config = self.cache.config
+        if len(kv) != config.num_layers:
+            raise RejectedRequestError(
+                "kv", f"received KV has {len(kv)} layers, the model has {config.num_layers}"
+            )
+        want = (prompt_len, config.num_kv_heads, config.head_dim)
+        for layer, (k, v) in enumerate(kv):
+            if tuple(k.shape) != want or tuple(v.shape) != want:
+                raise RejectedRequestError(
+                    "kv",
+                    f"received KV layer {layer} is {tuple(k.shape)}/{tuple(v.shape)}, expected "
+                    f"{want} for a prompt of {prompt_len} tokens",
+                )
+
+    # ----- the loop ---------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        try:
+            while True:
+                self._reap()
+                if not self._running and not self._waiting:
+                    self._gauges()
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await self._admit()
+                if self._running:
+                    await self._step()
+                self._gauges()
+                await asyncio.sleep(0)  # let handlers read the tokens just queued
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # a bug: fail every request visibly, not silently hang
+            log.exception("the engine loop failed")
+            self.failure = error
+            for seq in [*self._running, *self._waiting]:
+                self._fail(seq, f"the engine failed: {error!r}", 500)
+            raise
+
+    def _reap(self) -> None:
+        """Free the blocks of sequences that finished or were aborted since the last step."""
+        kept = []
+        for seq in self._running:
+            if seq.done:
+                self.cache.free(seq.seq_id)
+            else:
+                kept.append(seq)
+        self._running = kept
+
+    async def _admit(self) -> None:
+        budget = self.max_prefill_tokens
+        while self._waiting and len(self._running) < self.max_num_seqs:
+            seq = self._waiting[0]
+            if not self.cache.can_allocate(seq.context_tokens):
+                return
+            computes = seq.kv is None
+            if computes and budget <= 0:
+                return  # enough prefill this iteration: let the running sequences step
+            self._waiting.popleft()
+            self.cache.allocate(seq.seq_id, seq.context_tokens)
+            try:
+                await self._fill(seq)
+            except Exception as error:
+                log.exception("prefill of request %s failed", seq.request_id)
+                self.cache.free(seq.seq_id)
+                self._fail(seq, f"prefill failed: {error}", 502)
+                continue
+            if computes:
+                budget -= seq.context_tokens
+            if seq.done:  # the first token ended it, or it was aborted meanwhile
+                self.cache.free(seq.seq_id)
+            else:
+                self._running.append(seq)
+
+    async def _fill(self, seq: _Sequence) -> None:
+        """Put the sequence's context K/V into the cache (and, when fresh, emit token 0)."""
+        if seq.kv is not None:
+            kv, seq.kv = seq.kv, None
+            await self.thread.run(_write_kv, self.cache, seq.seq_id, kv)
+            return
+        if not seq.output:
+            logits, kv = await self.forward.prefill(seq.prompt)
+            await self.thread.run(_write_kv, self.cache, seq.seq_id, kv)
+            token = await self.thread.run(sample, logits, seq.params, 0)
+            if not seq.done:
+                self._emit(seq, token)
+            return
+        # Preempted: recompute the K/V of everything before the last output token.
+        _, kv = await self.forward.prefill(seq.prompt + seq.output[:-1])
+        await self.thread.run(_write_kv, self.cache, seq.seq_id, kv)
+
+    def _make_room(self) -> None:
+        """Give every running sequence a slot for its next token, preempting the youngest."""
+        for seq in list(self._running):
+            if seq not in self._running:
+                continue  # preempted below for an older sequence
+            while not self.cache.can_allocate(seq.context_tokens, seq.seq_id):
+                victim = self._running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.cache.allocate(seq.seq_id, seq.context_tokens)
+
+    def _preempt(self, seq: _Sequence) -> None:
+        self.cache.free(seq.seq_id)
+        self._running.remove(seq)
+        self._waiting.appendleft(seq)
+        self.metrics.preemptions.inc()
+        log.info("preempted request %s (recomputed when blocks free up)", seq.request_id)
+
+    async def _step(self) -> None:
+        self._make_room()
+        batch = list(self._running)
+        if not batch:
+            return
+        tokens = [seq.output[-1] for seq in batch]
+        positions = [len(seq.prompt) + len(seq.output) - 1 for seq in batch]
+        seq_ids = [seq.seq_id for seq in batch]
+        try:
+            logits = await self.forward.decode(tokens, positions, self.cache, seq_ids)
+            choices = [(seq.params, len(seq.output)) for seq in batch]
+            chosen = await self.thread.run(_sample_batch, logits, choices)
+        except Exception as error:
+            log.exception("decode step of %d sequences failed", len(batch))
+            for seq in batch:
+                self._fail(seq, f"decode step failed: {error}", 502)
+            self._reap()
+            return
+        for seq, token in zip(batch, chosen, strict=True):
+            if not seq.done:
+                self._emit(seq, token)
+
+    # ----- outcomes ---------------------------------------------------------------------------
+    def _emit(self, seq: _Sequence, token: int) -> None:
+        now = time.perf_counter()
+        index = len(seq.output)
+        seq.output.append(token)
+        if index == 0:
+            self.metrics.ttft.observe(now - seq.arrival)
+        else:
+            self.metrics.itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        self.metrics.generation_tokens.inc()
+        seq.events.put_nowait(TokenEvent(token, index))
+        if token in seq.params.stop_token_ids:
+            self._finish(seq, "stop")
+        elif len(seq.output) >= seq.params.max_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: _Sequence, reason: str, *, notify: bool = True) -> None:
+        seq.done = True
+        self._by_id.pop(seq.request_id, None)
+        self.metrics.request_finished(
+            reason=reason,
+            prompt_tokens=len(seq.prompt),
+            generation_tokens=len(seq.output),
+            e2e_s=time.perf_counter() - seq.arrival,
+        )
+        if notify:
+            seq.events.put_nowait(FinishEvent(reason, len(seq.prompt), len(seq.output)))
+
+    def _fail(self, seq: _Sequence, message: str, status: int) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        self._by_id.pop(seq.request_id, None)
+        seq.events.put_nowait(ErrorEvent(message, status))
+
+    def _gauges(self) -> None:
+        self.metrics.running.set(len(self._running))
+        self.metrics.waiting.set(len(self._waiting) + self.pending)
+        self.metrics.kv_usage.set(self.cache.usage())
+
+    def stats(self) -> dict[str, float | int]:
+        return {
+            "running": len(self._running),
+            "waiting": len(self._waiting) + self.pending,
+            "kv_usage": self.cache.usage(),
+            "free_blocks": self.cache.free_blocks,
+            "num_blocks": self.cache.num_blocks,
+            "block_size": self.cache.block_size,
+        }
+
+
+def _write_kv(cache: PagedKVCache, seq_id: int, kv: KVLayers) -> None:
+    for layer, (k, v) in enumerate(kv):
+        cache.write(seq_id, layer, 0, k, v)
+
+
+def _sample_batch(logits: torch.Tensor, choices: list[tuple[SamplingParams, int]]) -> list[int]:
+    if all(params.greedy for params, _ in choices):
+        return [int(t) for t in torch.argmax(logits, dim=-1).tolist()]
+    return [sample(logits[row], params, index) for row, (params, index) in enumerate(choices)]
