@@ -1,0 +1,122 @@
+"""The FFN worker (PDAF): serves every layer's FFN to the attention workers.
+
+It holds no KV cache and sees no requests, only activations: ``FFNServer`` answers
+``ffn(layer, h)`` on the activation port, and HTTP serves health, ``/v1/info`` (which carries
+that port, so attention workers can find it) and metrics: how many layer calls and token rows
+it computed and how long each took. It has no vLLM request metrics: the attention worker in
+front of it counts the requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import torch
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from kleave.workers.model import MoEDecoder
+from kleave.workers.serve.http import add_health_routes, errors_middleware
+from kleave.workers.serve.metrics import TRANSFER_BUCKETS
+from kleave.workers.serve.plan import ServingPlan
+from kleave.workers.serve.runtime import WorkerOptions, build_model
+from kleave.workers.transport.af import FFNServer as ActivationServer
+
+log = logging.getLogger(__name__)
+
+
+class FFNMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.calls = Counter(
+            "kleave:ffn_calls", "FFN layer calls served.", labels, registry=self.registry
+        ).labels(model_name)
+        self.tokens = Counter(
+            "kleave:ffn_tokens",
+            "Token rows passed through the FFN.",
+            labels,
+            registry=self.registry,
+        ).labels(model_name)
+        self.compute_seconds = Histogram(
+            "kleave:ffn_compute_seconds",
+            "Seconds of one layer's FFN compute on this worker.",
+            labels,
+            registry=self.registry,
+            buckets=TRANSFER_BUCKETS,
+        ).labels(model_name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class FFNWorker:
+    def __init__(self, plan: ServingPlan, options: WorkerOptions) -> None:
+        self.plan = plan
+        self.options = options
+        self.metrics = FFNMetrics(plan.model)
+        self.model: MoEDecoder | None = None
+        self.server: ActivationServer | None = None
+        self.load_error: str | None = None
+        self._loading: asyncio.Task[None] | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[errors_middleware])
+        add_health_routes(
+            app, render_metrics=self.metrics.render, ready=self.not_ready, info=self.info
+        )
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    def _ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Runs on the activation server's compute thread."""
+        assert self.model is not None
+        started = time.perf_counter()
+        out = self.model.ffn(layer, h)
+        self.metrics.compute_seconds.observe(time.perf_counter() - started)
+        self.metrics.calls.inc()
+        self.metrics.tokens.inc(h.shape[0])
+        return out
+
+    async def _on_startup(self, _: web.Application) -> None:
+        self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            self.model = await asyncio.to_thread(build_model, self.plan, self.options)
+            self.server = ActivationServer(self._ffn)
+            await self.server.start(self.options.host, self.options.af_port)
+        except Exception as error:
+            log.exception("the FFN worker failed to start")
+            self.load_error = f"{type(error).__name__}: {error}"
+
+    async def _on_cleanup(self, _: web.Application) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loading
+        if self.server is not None:
+            await self.server.close()
+
+    def not_ready(self) -> str | None:
+        if self.load_error is not None:
+            return f"the ffn worker failed to start: {self.load_error}"
+        if self.server is None:
+            return f"the ffn worker is loading model {self.plan.preset}"
+        return None
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "role": "ffn",
+            "model": self.plan.model,
+            "preset": self.plan.preset,
+            "revision": self.plan.revision,
+            "config": self.plan.config.to_dict(),
+            "af_port": self.server.port if self.server is not None else None,
+            "af_host": self.options.advertise_host,
+        }

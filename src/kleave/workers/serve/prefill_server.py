@@ -1,0 +1,254 @@
+"""The prefill worker (PD, PDAF): computes a prompt's K/V and ships it to a decode worker.
+
+``POST /v1/prefill {request_id, prompt_tokens, sampling, decode: "host:kvport"}`` runs the
+prompt through the model layer by layer and hands each layer's K/V to ``KVSender.send_layer``
+the moment it exists, so layer i is on the wire while layer i+1 computes (the sender's writer
+thread overlaps the two). It answers with the first token once the last byte is written:
+the router then starts the decode worker's stream, whose receiver already holds the K/V.
+
+Prefills run one at a time, first come first served: a prefill saturates the model thread
+and interleaving two only delays both first tokens. Connections to decode workers are kept
+and reused; one that failed is dropped and dialled again on the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from kleave.workers.model import MoEDecoder
+from kleave.workers.serve.decode_server import parse_sampling
+from kleave.workers.serve.forward import ModelThread
+from kleave.workers.serve.http import (
+    ApiError,
+    add_health_routes,
+    errors_middleware,
+    field,
+    read_json,
+    token_list,
+)
+from kleave.workers.serve.metrics import WorkerMetrics
+from kleave.workers.serve.plan import ServingPlan
+from kleave.workers.serve.runtime import WorkerOptions, build_model
+from kleave.workers.serve.sampling import SamplingParams, sample
+from kleave.workers.transport.kv_transfer import KVSender, KVTransferError
+
+log = logging.getLogger(__name__)
+
+
+def parse_peer(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` too) of a decode worker's KV receiver, or a 400."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ApiError(400, f"decode must be host:port of a KV receiver, not {value!r}", "decode")
+    return host.strip("[]"), int(port)
+
+
+def prefill_and_send(
+    model: MoEDecoder, tokens: list[int], sender: KVSender, request_id: str
+) -> torch.Tensor:
+    """`MoEDecoder.prefill`, with each layer's K/V handed to the sender as soon as it exists.
+
+    Runs on the model thread; `send_layer` only queues, so the next layer computes while the
+    sender's thread writes this one.
+    """
+    ids = torch.tensor(tokens, dtype=torch.long)
+    positions = torch.arange(len(tokens))
+    h = model.embed(ids)
+    for layer in range(model.config.num_layers):
+        h, k, v = model.attention_prefill(layer, h, positions)
+        sender.send_layer(request_id, layer, k, v)
+        h = model.ffn(layer, h)
+    logits: torch.Tensor = model.logits(h[-1:])[0]
+    return logits
+
+
+class PrefillServer:
+    def __init__(self, plan: ServingPlan, options: WorkerOptions) -> None:
+        self.plan = plan
+        self.options = options
+        self.metrics = WorkerMetrics(plan.model, max_model_len=plan.config.max_position)
+        self.thread = ModelThread()
+        self.model: MoEDecoder | None = None
+        self.load_error: str | None = None
+        self._turn = asyncio.Lock()  # FIFO: one prefill at a time
+        self._senders: dict[tuple[str, int], KVSender] = {}
+        self._dialing: dict[tuple[str, int], asyncio.Lock] = {}
+        self._waiting = 0
+        self._running = 0
+        self._loading: asyncio.Task[None] | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[errors_middleware], client_max_size=16 * 2**20)
+        add_health_routes(
+            app, render_metrics=self.metrics.render, ready=self.not_ready, info=self.info
+        )
+        app.router.add_post("/v1/prefill", self.prefill)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, _: web.Application) -> None:
+        self._gauges()
+        self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            self.model = await self.thread.run(build_model, self.plan, self.options)
+        except Exception as error:
+            log.exception("the prefill worker failed to start")
+            self.load_error = f"{type(error).__name__}: {error}"
+
+    async def _on_cleanup(self, _: web.Application) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loading
+        for sender in self._senders.values():
+            with contextlib.suppress(Exception):
+                await sender.close(linger=1.0)
+        self.thread.close()
+
+    def not_ready(self) -> str | None:
+        if self.load_error is not None:
+            return f"the prefill worker failed to start: {self.load_error}"
+        if self.model is None:
+            return f"the prefill worker is loading model {self.plan.preset}"
+        return None
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "role": "prefill",
+            "model": self.plan.model,
+            "preset": self.plan.preset,
+            "revision": self.plan.revision,
+            "config": self.plan.config.to_dict(),
+            "running": self._running,
+            "waiting": self._waiting,
+            "decode_peers": sorted(f"{h}:{p}" for h, p in self._senders),
+        }
+
+    def _gauges(self) -> None:
+        self.metrics.running.set(self._running)
+        self.metrics.waiting.set(self._waiting)
+        self.metrics.kv_usage.set(0.0)  # K/V leaves with the transfer; none is kept here
+
+    async def _sender(self, peer: tuple[str, int]) -> KVSender:
+        lock = self._dialing.setdefault(peer, asyncio.Lock())
+        async with lock:
+            sender = self._senders.get(peer)
+            if sender is None:
+                try:
+                    sender = await KVSender.connect(*peer, timeout=5.0)
+                except KVTransferError as error:
+                    raise ApiError(
+                        502, f"decode worker KV receiver {peer[0]}:{peer[1]}: {error}"
+                    ) from None
+                self._senders[peer] = sender
+            return sender
+
+    async def _drop(self, peer: tuple[str, int], sender: KVSender) -> None:
+        if self._senders.get(peer) is sender:
+            del self._senders[peer]
+        with contextlib.suppress(Exception):
+            await sender.close(linger=0.0)
+
+    async def prefill(self, request: web.Request) -> web.Response:
+        arrival = time.perf_counter()
+        if self.model is None:
+            raise ApiError(503, self.not_ready() or "not ready")
+        model = self.model
+        body = await read_json(request)
+        request_id = field(body, "request_id", str)
+        prompt = token_list(body, "prompt_tokens", self.plan.config.vocab_size)
+        params = parse_sampling(body.get("sampling"))
+        peer = parse_peer(field(body, "decode", str))
+        if len(prompt) >= self.plan.config.max_position:
+            raise ApiError(
+                400,
+                f"the prompt has {len(prompt)} tokens; this model's context is "
+                f"{self.plan.config.max_position}",
+                "prompt_tokens",
+            )
+        self._waiting += 1
+        queued = True
+        self._gauges()
+        try:
+            async with self._turn:
+                self._waiting -= 1
+                queued = False
+                self._running += 1
+                self._gauges()
+                try:
+                    return await self._run(
+                        model,
+                        request_id=request_id,
+                        prompt=prompt,
+                        params=params,
+                        peer=peer,
+                        arrival=arrival,
+                    )
+                finally:
+                    self._running -= 1
+        finally:
+            if queued:  # cancelled while waiting for its turn
+                self._waiting -= 1
+            self._gauges()
+
+    async def _run(
+        self,
+        model: MoEDecoder,
+        *,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        peer: tuple[str, int],
+        arrival: float,
+    ) -> web.Response:
+        sender = await self._sender(peer)
+        where = f"{peer[0]}:{peer[1]}"
+        meta = {
+            "num_layers": model.config.num_layers,
+            "prompt_len": len(prompt),
+            "model": self.plan.preset,
+            "revision": self.plan.revision,
+        }
+        try:
+            await sender.begin(request_id, meta)
+            logits = await self.thread.run(prefill_and_send, model, prompt, sender, request_id)
+            token = await self.thread.run(sample, logits, params, 0)
+            self.metrics.ttft.observe(time.perf_counter() - arrival)
+            stats = await sender.end(request_id)
+        except KVTransferError as error:
+            await self._drop(peer, sender)
+            raise ApiError(502, f"KV transfer to decode worker {where} failed: {error}") from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await sender.abort(request_id, "the prefill failed")
+            raise
+        self.metrics.prompt_tokens.inc(len(prompt))
+        self.metrics.generation_tokens.inc()
+        self.metrics.kv_transfer_bytes.inc(stats.bytes)
+        self.metrics.kv_transfer_seconds.observe(stats.seconds)
+        self.metrics.request_finished(
+            reason="stop" if token in params.stop_token_ids else "length",
+            prompt_tokens=len(prompt),
+            generation_tokens=1,
+            e2e_s=time.perf_counter() - arrival,
+        )
+        return web.json_response(
+            {
+                "request_id": request_id,
+                "first_token": token,
+                "prompt_tokens": len(prompt),
+                "decode": where,
+                "kv_bytes": stats.bytes,
+                "kv_seconds": stats.seconds,
+            }
+        )
