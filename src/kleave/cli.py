@@ -56,6 +56,7 @@ class LazyGroup(click.Group):
         "forecast": "kleave.planner.forecast_cli:forecast",
         "simulate": "kleave.sim.cli:simulate",
         "loadgen": "kleave.sim.loadgen_cli:loadgen",
+        "workers": "kleave.workers.cli:workers",
     },
 )
 @click.version_option(__version__, prog_name="kleave")

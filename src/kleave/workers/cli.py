@@ -1,0 +1,291 @@
+"""`kleave workers`: run the data plane's processes (serve, router) or all of them (up).
+
+`serve` and `router` are what the operator's pods run (operator/engines.py builds their
+arguments); `up` starts a whole topology on this host. Heavy imports (torch, aiohttp) happen
+inside the commands, so `kleave --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import click
+
+_POSITIVE = click.FloatRange(min=0.0, min_open=True)
+_ROLES = ("colocated", "prefill", "decode", "attention", "ffn")
+
+
+class _Failure(click.ClickException):
+    """`error: ...` on stderr and exit 1, the kleave CLI's convention."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group("workers", context_settings={"help_option_names": ["-h", "--help"]})
+def workers() -> None:
+    """kleave's own inference workers: prefill, decode, attention, FFN, router."""
+
+
+_plan_option = click.option(
+    "--plan",
+    "plan_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The serving plan (the ConfigMap's plan.json, or a local plan in JSON or YAML).",
+)
+
+
+@workers.command("serve")
+@click.option("--role", required=True, type=click.Choice(_ROLES), help="The pool to serve.")
+@_plan_option
+@click.option("--host", default="0.0.0.0", show_default=True, help="Listen address (HTTP, KV).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--kv-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="decode/attention: KV receiver port (0: any; peers read it from /v1/info).",
+)
+@click.option(
+    "--af-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default=True,
+    help="ffn: activation port (0: any; attention workers read it from /v1/info).",
+)
+@click.option("--advertise-host", default=None, help="The address peers use for KV/activations.")
+@click.option("--kv-backend", default="tcp", show_default=True, help="tcp (nccl: see docs).")
+@click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--expert-parallel", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--kv-blocks", type=click.IntRange(min=1), default=None, help="KV cache blocks.")
+@click.option("--kv-cache-mb", type=_POSITIVE, default=64.0, show_default=True)
+@click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--max-num-seqs", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--max-prefill-tokens", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--kv-timeout", "kv_timeout_s", type=_POSITIVE, default=30.0, show_default=True)
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="A safetensors file of MoEDecoder.save_safetensors (default: random from the seed).",
+)
+@click.option("--model-preset", default=None, help="Override the plan's model preset.")
+@click.option("--seed", type=int, default=None, help="Override the plan's weights.seed.")
+@click.option("--torch-threads", type=click.IntRange(min=1), default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--log-level", default="info", show_default=True)
+def serve(
+    *,
+    role: str,
+    plan_path: Path,
+    host: str,
+    port: int,
+    kv_port: int,
+    af_port: int,
+    advertise_host: str | None,
+    kv_backend: str,
+    tensor_parallel: int,
+    expert_parallel: int,
+    kv_blocks: int | None,
+    kv_cache_mb: float,
+    block_size: int,
+    max_num_seqs: int,
+    max_prefill_tokens: int,
+    kv_timeout_s: float,
+    weights: Path | None,
+    model_preset: str | None,
+    seed: int | None,
+    torch_threads: int | None,
+    device: str,
+    log_level: str,
+) -> None:
+    """One worker process of the plan's pool ROLE."""
+    _logging(log_level)
+    from kleave.workers.serve.plan import PlanError, load_plan
+
+    if tensor_parallel > 1 or expert_parallel > 1:
+        raise _Failure(
+            "--tensor-parallel and --expert-parallel > 1 are not supported by `kleave workers "
+            "serve` yet: set spec.pools.<role>.parallelism to 1"
+        )
+    if kv_backend != "tcp":
+        logging.getLogger("kleave.workers").warning(
+            "--kv-backend %s is not implemented by the builtin workers yet; KV moves over tcp",
+            kv_backend,
+        )
+    try:
+        plan = load_plan(plan_path, preset=model_preset, seed=seed)
+        server_role = plan.server_role(role)
+    except PlanError as error:
+        raise _Failure(str(error)) from None
+    from kleave.workers.serve.main import run_worker
+    from kleave.workers.serve.runtime import WorkerOptions, configure_torch
+
+    configure_torch(torch_threads)
+    options = WorkerOptions(
+        role=server_role,
+        host=host,
+        port=port,
+        kv_port=kv_port,
+        af_port=af_port,
+        advertise_host=advertise_host,
+        kv_blocks=kv_blocks,
+        kv_cache_mb=kv_cache_mb,
+        block_size=block_size,
+        max_num_seqs=max_num_seqs,
+        max_prefill_tokens=max_prefill_tokens,
+        kv_timeout_s=kv_timeout_s,
+        weights=weights,
+        torch_threads=torch_threads,
+        device=device,
+    )
+    asyncio.run(run_worker(plan, options))
+
+
+@workers.command("router")
+@_plan_option
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--refresh", "refresh_s", type=_POSITIVE, default=1.0, show_default=True)
+@click.option(
+    "--imbalance",
+    type=click.IntRange(min=0),
+    default=4,
+    show_default=True,
+    help="In-flight requests a prefix's prefill worker may exceed the idlest one by.",
+)
+@click.option("--default-max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--worker-timeout", "worker_timeout_s", type=_POSITIVE, default=60.0, show_default=True
+)
+@click.option("--model-preset", default=None, help="Override the plan's model preset.")
+@click.option("--log-level", default="info", show_default=True)
+def router(
+    *,
+    plan_path: Path,
+    host: str,
+    port: int,
+    refresh_s: float,
+    imbalance: int,
+    default_max_tokens: int,
+    worker_timeout_s: float,
+    model_preset: str | None,
+    log_level: str,
+) -> None:
+    """The OpenAI-compatible router in front of the plan's pools."""
+    _logging(log_level)
+    from kleave.workers.serve.plan import PlanError, load_plan
+
+    try:
+        plan = load_plan(plan_path, preset=model_preset)
+    except PlanError as error:
+        raise _Failure(str(error)) from None
+    from kleave.workers.serve.main import run_router
+    from kleave.workers.serve.router import RouterOptions
+
+    options = RouterOptions(
+        host=host,
+        port=port,
+        refresh_s=refresh_s,
+        imbalance=imbalance,
+        default_max_tokens=default_max_tokens,
+        worker_timeout_s=worker_timeout_s,
+    )
+    asyncio.run(run_router(plan, options))
+
+
+@workers.command("up")
+@click.option(
+    "--topology", type=click.Choice(["Colocated", "PD", "PDAF"]), default="PD", show_default=True
+)
+@click.option("--model", default="tiny", show_default=True, help="A bundled model preset.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--prefill", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--decode",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Decode workers (Colocated: the colocated workers; PDAF: the attention workers).",
+)
+@click.option("--ffn", type=click.IntRange(min=1), default=1, show_default=True, help="PDAF only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Weights seed, all workers.")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Plan and logs [default: a new temporary directory].",
+)
+@click.option("--kv-blocks", type=click.IntRange(min=1), default=None)
+def up(
+    *,
+    topology: str,
+    model: str,
+    port: int,
+    prefill: int,
+    decode: int,
+    ffn: int,
+    seed: int,
+    state_dir: Path | None,
+    kv_blocks: int | None,
+) -> None:
+    """The whole data plane as local processes, until Ctrl-C or SIGTERM."""
+    import tempfile
+
+    from kleave.workers.serve.local import LocalDataPlane, LocalStartError
+    from kleave.workers.serve.plan import PlanError
+
+    counts = {"Colocated": {"decode": decode}, "PD": {"prefill": prefill, "decode": decode}}
+    counts["PDAF"] = {"prefill": prefill, "attention": decode, "ffn": ffn}
+    directory = state_dir or Path(tempfile.mkdtemp(prefix="kleave-workers-"))
+    plane = LocalDataPlane(
+        topology=topology,
+        state_dir=directory,
+        model=model,
+        counts=counts[topology],
+        router_port=port,
+        seed=seed,
+        worker_args=("--kv-blocks", str(kv_blocks)) if kv_blocks else (),
+    )
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        stopping.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        click.echo(f"starting {topology} ({model}); plan and logs in {directory}", err=True)
+        try:
+            plane.start()
+        except (LocalStartError, PlanError) as error:
+            raise _Failure(str(error)) from None
+        for process in plane.processes:
+            click.echo(f"  {process.name:<12} {process.url}  pid {process.pid}", err=True)
+        click.echo(f"router: {plane.url}/v1  (OpenAI API; Ctrl-C stops everything)")
+        reported: set[str] = set()
+        while not stopping:
+            for process in plane.exited():
+                if process.name not in reported:
+                    reported.add(process.name)
+                    click.echo(f"warning: {process.name} exited (log {process.log})", err=True)
+            time.sleep(0.2)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        plane.stop()
+    click.echo("stopped", err=True)
