@@ -10,20 +10,26 @@ under TRITON_INTERPRET=1 (float32 and float16: the interpreter has no bfloat16).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import math
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
+from click.testing import CliRunner
 
 if TYPE_CHECKING:
     import torch
 else:
     torch = pytest.importorskip("torch")
 
+from kleave.workers import bench_kernels
 from kleave.workers.kernels import (
     fused_moe,
     fused_moe_ref,
@@ -406,6 +412,8 @@ def test_triton_kernels_in_the_interpreter() -> None:
             "-q",
             "-m",
             "gpu",
+            "-k",
+            "triton_kernel",
             "-p",
             "no:cacheprovider",
         ],
@@ -417,3 +425,83 @@ def test_triton_kernels_in_the_interpreter() -> None:
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+
+
+# ----- kleave bench kernels ---------------------------------------------------------------------
+def wall_clock(fn: Callable[[], object], *, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - started) / repeats
+
+
+def test_bench_byte_and_flop_counts() -> None:
+    shape = bench_kernels.AttentionShape(batch=2, heads=4, kv_heads=2, head_dim=8)
+    # K and V: 2 * 2 seqs * 10 tokens * 2 heads * 8 dims; q and out: 2 * 2 * 4 * 8; bf16
+    assert bench_kernels.attention_bytes(shape, 10) == (640 + 128) * 2
+    moe = bench_kernels.MoEShape(hidden=4, intermediate=3, experts=8, top_k=2)
+    # per pair: gate/up 2 * 4 * 6 + down 2 * 3 * 4 = 72 FLOPs; 5 tokens * 2 pairs
+    assert bench_kernels.moe_flops(moe, 5) == 720
+    deepseek = bench_kernels.MoEShape()
+    full = bench_kernels.moe_weight_bytes(deepseek, 256)
+    assert bench_kernels.experts_that_fit(deepseek, 128, 10 * full) == 256
+    assert bench_kernels.experts_that_fit(deepseek, 128, full // 3) == 64  # halved twice
+    assert bench_kernels.experts_that_fit(deepseek, 128, 1) == deepseek.top_k
+
+
+def test_bench_plumbing_on_the_cpu_renders_markdown_and_json() -> None:
+    """The measuring code, run on the CPU with a wall clock at toy sizes: it runs and the
+    kernels agree with the baselines; the numbers themselves mean nothing here."""
+    attention = bench_kernels.AttentionShape(batch=2, heads=4, kv_heads=2, head_dim=16)
+    moe = bench_kernels.MoEShape(hidden=32, intermediate=16, experts=4, top_k=2)
+    row = bench_kernels.bench_attention(
+        attention, 64, repeats=1, copy_gbps=1.0, device="cpu", timer=wall_clock
+    )
+    assert row["context"] == 64 and row["max_abs_diff"] < 5e-2
+    gen = torch.Generator().manual_seed(0)
+    weights = (
+        torch.randn(4, 32, 32, generator=gen).to(torch.bfloat16) / 6,
+        torch.randn(4, 32, 16, generator=gen).to(torch.bfloat16) / 4,
+    )
+    moe_row = bench_kernels.bench_moe(moe, 8, weights, repeats=1, device="cpu", timer=wall_clock)
+    assert moe_row["tokens"] == 8 and moe_row["max_rel_diff"] < 5e-2
+    report = bench_kernels.Report(
+        device="cpu (plumbing test)",
+        copy_gbps=1.0,
+        attention_shape=dataclasses.asdict(attention),
+        moe_shape=dataclasses.asdict(moe),
+        attention=[row],
+        moe=[moe_row],
+        notes=["a note"],
+    )
+    text = bench_kernels.render_markdown(report)
+    assert "| context | kernel us | GB/s | vs copy |" in text
+    assert "| 64 |" in text and "| 8 |" in text and "Note: a note" in text
+    assert json.loads(json.dumps(dataclasses.asdict(report)))["moe"][0]["tokens"] == 8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_bench_refuses_without_cuda() -> None:
+    from kleave.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "kernels", "--json"])
+    assert result.exit_code == 1
+    assert bench_kernels.NO_CUDA in result.output
+    assert "GB/s" not in result.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_runs_on_the_gpu_at_small_sizes() -> None:
+    from kleave.cli import main
+
+    args = ["bench", "kernels", "--json", "--contexts", "1024", "--batch", "8", "--tokens"]
+    args += ["64", "--hidden", "256", "--intermediate", "128", "--experts", "8", "--repeats", "3"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["copy_gbps"] > 0
+    assert report["attention"][0]["max_abs_diff"] < 5e-2
+    assert report["moe"][0]["max_rel_diff"] < 5e-2

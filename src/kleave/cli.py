@@ -57,6 +57,7 @@ class LazyGroup(click.Group):
         "simulate": "kleave.sim.cli:simulate",
         "loadgen": "kleave.sim.loadgen_cli:loadgen",
         "workers": "kleave.workers.cli:workers",
+        "bench": "kleave.workers.bench_kernels:bench",
     },
 )
 @click.version_option(__version__, prog_name="kleave")
