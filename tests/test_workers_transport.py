@@ -819,3 +819,38 @@ def test_ep_dispatch_combine_over_four_gloo_processes_matches_local_mode(tmp_pat
                 assert distributed["counts"] == local[rank]["counts"]
                 for key in ("recv_x", "recv_topk_idx", "recv_topk_weights", "combined", "moe"):
                     assert torch.equal(distributed[key], local[rank][key]), (seed, rank, path, key)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_travel_as_host_bytes() -> None:
+    """KV made on a side stream is copied only once that stream produced it; FFN replies
+    come back on the caller's device."""
+
+    async def scenario() -> None:
+        receiver = KVReceiver()
+        port = await receiver.start()
+        sender = await KVSender.connect("127.0.0.1", port)
+        server = FFNServer(known_ffn, device="cuda")
+        ffn_port = await server.start()
+        client = await FFNClient.connect("127.0.0.1", ffn_port)
+        try:
+            side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+            with torch.cuda.stream(side):
+                k = torch.randn(64, 1024, device="cuda") @ torch.randn(1024, 1024, device="cuda")
+                v = k.to(torch.bfloat16)
+                await sender.begin("gpu", {"num_layers": 1})
+                sender.send_layer("gpu", 0, k, v)
+            await sender.end("gpu")
+            received = await receiver.receive("gpu", timeout=HANG_GUARD)
+            assert torch.equal(received.layers[0][0], k.cpu())
+            assert torch.equal(received.layers[0][1], v.cpu())
+            out = await client.ffn(2, k)
+            assert out.is_cuda and torch.equal(out, known_ffn(2, k))
+        finally:
+            await client.close()
+            await server.close()
+            await sender.close()
+            await receiver.close()
+
+    run(scenario())
