@@ -1,6 +1,7 @@
 # kleave: `make demo` runs kleave locally; `make test` runs everything CI runs.
-# Everything the targets need is installed here: a virtualenv from PyPI, the control plane
-# built from Go modules into ~/.cache/kleave (or $KLEAVE_CACHE), Prometheus from Debian.
+# Everything the targets need is installed here: a virtualenv from PyPI (with torch for the
+# workers' tests: PyPI's Linux wheel is the CUDA build and runs on the CPU too), the control
+# plane built from Go modules into ~/.cache/kleave (or $KLEAVE_CACHE), Prometheus from Debian.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -20,7 +21,7 @@ help:
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,workers]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
