@@ -6,8 +6,8 @@ and the pod only ever sees the token's SHA-256 (a pod annotation projected into 
 reading the pod spec gives nobody a credential. The operator recomputes a pod's token from
 the key when it calls the runtime (pause, resume, idle checks) and hands each pod's token to
 the sandbox's users in a Secret ``<pod>-runtime-token`` named in ``status.tokenSecretName``
-(the operator may create and patch Secrets, never read them). Rotating the key makes the tokens of running pods
-unknown to the operator: pause them first.
+(the operator may create Secrets, never read them). Rotating the key makes the tokens of
+running pods unknown to the operator: pause them first.
 """
 
 from __future__ import annotations
