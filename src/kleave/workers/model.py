@@ -71,41 +71,42 @@ def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch
     return result
 
 
-def _param(*shape: int) -> nn.Parameter:
-    return nn.Parameter(torch.empty(shape), requires_grad=False)
+def _param(c: ModelConfig, *shape: int) -> nn.Parameter:
+    """An uninitialized parameter in the config's dtype, on the current default device."""
+    return nn.Parameter(torch.empty(shape, dtype=torch_dtype(c.dtype)), requires_grad=False)
 
 
 class _Attention(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.norm = _param(c.hidden_size)
-        self.wq = _param(c.num_heads * c.head_dim, c.hidden_size)
-        self.wk = _param(c.num_kv_heads * c.head_dim, c.hidden_size)
-        self.wv = _param(c.num_kv_heads * c.head_dim, c.hidden_size)
-        self.wo = _param(c.hidden_size, c.num_heads * c.head_dim)
+        self.norm = _param(c, c.hidden_size)
+        self.wq = _param(c, c.num_heads * c.head_dim, c.hidden_size)
+        self.wk = _param(c, c.num_kv_heads * c.head_dim, c.hidden_size)
+        self.wv = _param(c, c.num_kv_heads * c.head_dim, c.hidden_size)
+        self.wo = _param(c, c.hidden_size, c.num_heads * c.head_dim)
 
 
 class _DenseFFN(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.norm = _param(c.hidden_size)
-        self.gate_up = _param(2 * c.intermediate_size, c.hidden_size)
-        self.down = _param(c.hidden_size, c.intermediate_size)
+        self.norm = _param(c, c.hidden_size)
+        self.gate_up = _param(c, 2 * c.intermediate_size, c.hidden_size)
+        self.down = _param(c, c.hidden_size, c.intermediate_size)
 
 
 class _MoEFFN(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.norm = _param(c.hidden_size)
-        self.router = _param(c.num_experts, c.hidden_size)
-        self.experts_gate_up = _param(c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size)
-        self.experts_down = _param(c.num_experts, c.hidden_size, c.moe_intermediate_size)
+        self.norm = _param(c, c.hidden_size)
+        self.router = _param(c, c.num_experts, c.hidden_size)
+        self.experts_gate_up = _param(c, c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size)
+        self.experts_down = _param(c, c.num_experts, c.hidden_size, c.moe_intermediate_size)
         shared = c.num_shared_experts * c.intermediate_size
         self.shared_gate_up: nn.Parameter | None = None
         self.shared_down: nn.Parameter | None = None
         if shared:
-            self.shared_gate_up = _param(2 * shared, c.hidden_size)
-            self.shared_down = _param(c.hidden_size, shared)
+            self.shared_gate_up = _param(c, 2 * shared, c.hidden_size)
+            self.shared_down = _param(c, c.hidden_size, shared)
 
 
 class _Layer(nn.Module):
@@ -152,10 +153,11 @@ class MoEDecoder(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.embedding = _param(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
-        self.norm = _param(c.hidden_size)
-        self.lm_head = _param(c.vocab_size, c.hidden_size)
+        with torch.device(device):  # allocated in place: a 1B model never exists twice
+            self.embedding = _param(c, c.vocab_size, c.hidden_size)
+            self.layers = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
+            self.norm = _param(c, c.hidden_size)
+            self.lm_head = _param(c, c.vocab_size, c.hidden_size)
         if random_init:
             generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
@@ -163,9 +165,9 @@ class MoEDecoder(nn.Module):
                     std = _init_std(name, param, c)
                     if std is None:
                         param.fill_(1.0)
-                    else:
-                        param.normal_(0.0, std, generator=generator)
-        self.to(device=device, dtype=torch_dtype(c.dtype))
+                    else:  # drawn on the CPU in float32, one parameter at a time
+                        drawn = torch.empty(param.shape).normal_(0.0, std, generator=generator)
+                        param.copy_(drawn)
 
     def _layer(self, index: int) -> _Layer:
         layer = self.layers[index]
