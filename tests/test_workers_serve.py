@@ -1,0 +1,612 @@
+"""The serving layer: metrics, plan, routing, OpenAI format, engine, and the servers on real
+sockets in one process (prefill -> KV transfer -> decode, attention <-> FFN, router).
+
+The multi-process acceptance (each worker its own process, the openai client, Prometheus, a
+killed worker) is in e2e/test_e2e_workers.py. Waits have generous limits only so that a
+regression fails instead of hanging; nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+
+import aiohttp
+from aiohttp import web
+
+from kleave.api.inference_deployment import InferenceDeploymentSpec
+from kleave.operator.serving_plan import build_plan
+from kleave.workers.config import MODEL_PRESETS
+from kleave.workers.kv_cache import PagedKVCache
+from kleave.workers.model import MoEDecoder, generate_greedy
+from kleave.workers.serve.decode_server import DecodeServer
+from kleave.workers.serve.engine import (
+    Engine,
+    FinishEvent,
+    RejectedRequestError,
+    TokenEvent,
+)
+from kleave.workers.serve.ffn_server import FFNWorker
+from kleave.workers.serve.forward import LocalForward, ModelThread
+from kleave.workers.serve.http import bind_socket
+from kleave.workers.serve.metrics import WorkerMetrics, token_buckets
+from kleave.workers.serve.openai_api import StopMatcher, parse_chat, parse_completion
+from kleave.workers.serve.plan import PlanError, ServingPlan, local_plan, parse_plan
+from kleave.workers.serve.prefill_server import PrefillServer
+from kleave.workers.serve.router import Router, RouterOptions
+from kleave.workers.serve.routing import (
+    WorkerState,
+    choose_prefill,
+    least_loaded,
+    prefix_key,
+    rendezvous_order,
+)
+from kleave.workers.serve.runtime import WorkerOptions
+from kleave.workers.serve.sampling import SamplingParams, sample
+from kleave.workers.tokenizer import BOS, EOS, ByteTokenizer
+
+HANG_GUARD = 120.0  # seconds; reached only when something is broken
+CONFIG = MODEL_PRESETS["tiny"]
+PROMPTS = [
+    [BOS, *b"hello world"],
+    [BOS, *b"abc"],
+    [BOS, *b"The quick brown fox jumps over the lazy dog"],
+    list(range(40)),
+]
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    async def guarded() -> Any:
+        async with asyncio.timeout(HANG_GUARD):
+            return await coro
+
+    return asyncio.run(guarded())
+
+
+@pytest.fixture(scope="module")
+def model() -> MoEDecoder:
+    return MoEDecoder(CONFIG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(model: MoEDecoder) -> list[list[int]]:
+    """generate_greedy of every prompt, 24 tokens, EOS not stopping."""
+    return [generate_greedy(model, prompt, 24) for prompt in PROMPTS]
+
+
+# ----- metrics ------------------------------------------------------------------------------
+def test_worker_metrics_use_vllm_names_and_labels() -> None:
+    metrics = WorkerMetrics("tiny", max_model_len=4096)
+    metrics.generation_tokens.inc(3)
+    metrics.request_finished(reason="stop", prompt_tokens=5, generation_tokens=3, e2e_s=0.2)
+    text = metrics.render().decode()
+    for name in (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:request_success_total",
+        "vllm:time_to_first_token_seconds_bucket",
+        "vllm:inter_token_latency_seconds_bucket",
+        "vllm:e2e_request_latency_seconds_bucket",
+        "vllm:request_prompt_tokens_bucket",
+        "vllm:request_generation_tokens_bucket",
+        "kleave:kv_transfer_bytes_total",
+        "kleave:kv_transfer_seconds_bucket",
+        "kleave:af_exchange_seconds_bucket",
+    ):
+        assert f"\n{name}{{" in text, name
+    assert 'vllm:generation_tokens_total{engine="0",model_name="tiny"} 3.0' in text
+    assert metrics.success_count("stop") == 1.0
+    assert token_buckets(1000) == (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def test_planner_reads_every_name_the_workers_export() -> None:
+    from kleave.planner.metrics import ENGINES
+
+    text = WorkerMetrics("m", max_model_len=64).render().decode()
+    names = ENGINES["vllm"]
+    for name in (names.requests, names.prompt_tokens, names.generation_tokens, names.ttft):
+        assert name.removesuffix("_total") in text
+    for alternatives in (names.tpot, names.kv_usage, (names.waiting,), (names.running,)):
+        assert any(f"\n{n}" in text for n in alternatives), alternatives
+
+
+# ----- plan ---------------------------------------------------------------------------------
+def operator_plan(topology: str = "PD") -> dict[str, Any]:
+    roles = {"Colocated": ["decode"], "PD": ["prefill", "decode"]}
+    roles["PDAF"] = ["prefill", "attention", "ffn"]
+    doc = {
+        "model": "tiny",
+        "engine": "builtin",
+        "topology": topology,
+        "pools": {role: {"gpuType": "H100-SXM"} for role in roles[topology]},
+    }
+    _, plan = build_plan(InferenceDeploymentSpec.model_validate(doc), name="llm", namespace="ns")
+    return plan
+
+
+def test_plan_reads_what_the_operator_writes() -> None:
+    plan = parse_plan(operator_plan("PD"), source="plan.json")
+    assert plan.topology == "PD" and plan.preset == "tiny" and plan.config == CONFIG
+    assert plan.pool("decode").url.startswith("http://llm-decode-r")
+    assert plan.pool("decode").url.endswith(".ns.svc:8000")
+    assert plan.server_role("prefill") == "prefill"
+    assert plan.decode_role == "decode"
+    with pytest.raises(PlanError, match="--role attention is not a pool"):
+        plan.server_role("attention")
+    colocated = parse_plan(operator_plan("Colocated"))
+    assert colocated.server_role("decode") == "colocated"
+    pdaf = parse_plan(operator_plan("PDAF"))
+    assert pdaf.decode_role == "attention" and set(pdaf.pools) == {"prefill", "attention", "ffn"}
+
+
+def test_plan_errors_name_what_to_change() -> None:
+    document = operator_plan("PD") | {"model": "deepseek-ai/DeepSeek-V3"}
+    with pytest.raises(PlanError, match="modelPreset"):
+        parse_plan(document)
+    assert parse_plan(document, preset="tiny-dense").preset == "tiny-dense"
+    assert parse_plan(document | {"modelPreset": "tiny"}).preset == "tiny"
+    with pytest.raises(PlanError, match="engine builtin"):
+        parse_plan(operator_plan("PD") | {"engine": "vllm"})
+    broken = operator_plan("PD")
+    del broken["pools"]["decode"]
+    with pytest.raises(PlanError, match=r"needs pools\.decode"):
+        parse_plan(broken)
+
+
+def test_local_plan_lists_every_worker_and_resolves_to_them() -> None:
+    urls = {
+        "prefill": ["http://127.0.0.1:1"],
+        "decode": ["http://127.0.0.1:2", "http://127.0.0.1:3"],
+    }
+    document = local_plan(topology="PD", model="tiny", pools=urls, router_url="http://r", seed=7)
+    plan = parse_plan(json.loads(json.dumps(document)))
+    assert plan.seed == 7
+    assert run(plan.pool("decode").resolve()) == urls["decode"]
+    with pytest.raises(PlanError, match="needs workers for prefill"):
+        local_plan(topology="PD", model="tiny", pools={"decode": ["http://x"]}, router_url="r")
+
+
+def test_a_service_url_resolves_through_dns() -> None:
+    plan = parse_plan(
+        local_plan(
+            topology="Colocated",
+            model="tiny",
+            pools={"decode": ["http://localhost:9"]},
+            router_url="r",
+        )
+    )
+    service = replace(plan.pool("decode"), urls=())
+    assert run(service.resolve()) == ["http://127.0.0.1:9"]
+
+
+# ----- routing ------------------------------------------------------------------------------
+def test_rendezvous_moves_only_the_keys_of_a_removed_worker() -> None:
+    urls = [f"http://10.0.0.{i}:8000" for i in range(5)]
+    keys = [prefix_key([BOS, i, i * 7 % 256], 16) for i in range(200)]
+    before = {key: rendezvous_order(urls, key)[0] for key in keys}
+    assert len(set(before.values())) == 5  # every worker gets some prefixes
+    gone = urls[2]
+    after = {key: rendezvous_order([u for u in urls if u != gone], key)[0] for key in keys}
+    for key in keys:
+        if before[key] != gone:
+            assert after[key] == before[key]
+    # Only the first block decides: prompts that share it go to the same worker.
+    shared = list(range(16))
+    assert prefix_key([*shared, 1, 2], 16) == prefix_key([*shared, 9], 16)
+
+
+def test_prefill_choice_keeps_locality_until_the_worker_is_much_busier() -> None:
+    workers = [WorkerState(f"http://w{i}", "prefill", ready=True) for i in range(3)]
+    prompt = [BOS, *b"system prompt shared by many requests"]
+    first = choose_prefill(workers, prompt, block_size=16, imbalance=2)
+    assert first.affinity
+    first.worker.outstanding = 2
+    assert choose_prefill(workers, prompt, block_size=16, imbalance=2).worker is first.worker
+    first.worker.outstanding = 3
+    moved = choose_prefill(workers, prompt, block_size=16, imbalance=2)
+    assert not moved.affinity and moved.worker is not first.worker
+    assert moved.worker.outstanding == 0
+
+
+def test_least_loaded_breaks_ties_by_requests_served() -> None:
+    a, b = WorkerState("http://a", "decode"), WorkerState("http://b", "decode")
+    a.served = 3
+    assert least_loaded([a, b]) is b
+    b.outstanding = 1
+    assert least_loaded([a, b]) is a
+
+
+# ----- OpenAI format ------------------------------------------------------------------------
+TOKENIZER = ByteTokenizer(CONFIG.vocab_size)
+
+
+def completion(**body: Any) -> Any:
+    return parse_completion({"model": "tiny", **body}, served_model="tiny", tokenizer=TOKENIZER)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "temperature": 5}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": [1, 400]}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({}, "prompt"),
+    ],
+)
+def test_bad_completion_requests_name_the_field(body: dict[str, Any], param: str) -> None:
+    from kleave.workers.serve.http import ApiError
+
+    with pytest.raises(ApiError) as caught:
+        completion(**body)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+def test_completion_and_chat_parsing() -> None:
+    from kleave.workers.serve.http import ApiError
+
+    parsed = completion(prompt="hi", max_tokens=3, temperature=0, seed=4, ignore_eos=True)
+    assert parsed.prompt_tokens == [BOS, *b"hi"]
+    assert parsed.params == SamplingParams(max_tokens=3, temperature=0.0, seed=4, stop_token_ids=())
+    assert completion(prompt=[[5, 6]]).prompt_tokens == [5, 6]
+    assert completion(prompt="x").params.stop_token_ids == (EOS,)
+    with pytest.raises(ApiError) as caught:
+        parse_completion(
+            {"model": "other", "prompt": "x"}, served_model="tiny", tokenizer=TOKENIZER
+        )
+    assert caught.value.status == 404 and caught.value.param == "model"
+    chat = parse_chat(
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+        served_model="tiny",
+        tokenizer=TOKENIZER,
+        default_max_tokens=9,
+    )
+    assert chat.params.max_tokens == 9
+    assert TOKENIZER.decode(chat.prompt_tokens) == "<|user|>\nhi<|end|>\n<|assistant|>\n"
+    with pytest.raises(ApiError) as caught:
+        parse_chat(
+            {"model": "tiny", "messages": [{"role": "x"}]},
+            served_model="tiny",
+            tokenizer=TOKENIZER,
+            default_max_tokens=1,
+        )
+    assert caught.value.param == "messages" and "messages[0].role" in caught.value.message
+
+
+def test_stop_matcher_cuts_at_a_stop_string_split_over_pieces() -> None:
+    matcher = StopMatcher(("END",))
+    pieces = [matcher.push(p) for p in ["ab", "cE", "N", "Dxyz"]]
+    assert "".join(pieces) == "abc" and matcher.stopped
+    assert pieces[1] == "c"  # "E" held back: it may start "END"
+    free = StopMatcher(("END",))
+    assert free.push("aE") == "a" and free.push("x") == "Ex" and free.flush() == ""
+    held = StopMatcher(("END",))
+    assert held.push("EN") == "" and held.flush() == "EN"
+
+
+def test_sampling_is_greedy_at_zero_and_reproducible_with_a_seed() -> None:
+    logits = torch.randn(CONFIG.vocab_size, generator=torch.Generator().manual_seed(1))
+    assert sample(logits, SamplingParams(temperature=0.0), 0) == int(logits.argmax())
+    seeded = SamplingParams(temperature=1.0, seed=11)
+    draws = [sample(logits, seeded, i) for i in range(20)]
+    assert draws == [sample(logits, seeded, i) for i in range(20)]
+    assert len(set(draws)) > 1  # different indices draw differently
+    nucleus = SamplingParams(temperature=1.0, top_p=1e-6, seed=3)
+    assert sample(logits, nucleus, 5) == int(logits.argmax())
+
+
+# ----- engine -------------------------------------------------------------------------------
+async def generate_all(
+    engine: Engine, prompts: list[list[int]], params: SamplingParams
+) -> list[Any]:
+    async def one(index: int, prompt: list[int]) -> Any:
+        tokens: list[int] = []
+        async for event in engine.submit(f"r{index}", prompt, params):
+            if isinstance(event, TokenEvent):
+                tokens.append(event.token)
+            else:
+                return tokens, event
+        raise AssertionError("no finish event")
+
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+
+def make_engine(model: MoEDecoder, blocks: int) -> tuple[Engine, WorkerMetrics]:
+    thread = ModelThread()
+    metrics = WorkerMetrics("tiny", max_model_len=CONFIG.max_position)
+    cache = PagedKVCache(CONFIG, num_blocks=blocks)
+    forward = LocalForward(model, thread)
+    return Engine(forward, cache, thread, metrics, max_model_len=CONFIG.max_position), metrics
+
+
+@pytest.mark.parametrize("blocks", [64, 6])
+def test_engine_batches_concurrent_requests_exactly(
+    model: MoEDecoder, reference: list[list[int]], blocks: int
+) -> None:
+    """Four requests batched together give generate_greedy's tokens; with 6 blocks they do
+    not all fit and the youngest are preempted and recomputed, still exactly."""
+
+    async def scenario() -> tuple[list[Any], WorkerMetrics, Engine]:
+        engine, metrics = make_engine(model, blocks)
+        engine.start()
+        try:
+            params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=())
+            return await generate_all(engine, PROMPTS, params), metrics, engine
+        finally:
+            await engine.stop()
+
+    results, metrics, engine = run(scenario())
+    assert [tokens for tokens, _ in results] == reference
+    assert all(isinstance(e, FinishEvent) and e.reason == "length" for _, e in results)
+    preempted = metrics.registry.get_sample_value(
+        "vllm:num_preemptions_total", {"model_name": "tiny", "engine": "0"}
+    )
+    assert (preempted or 0) > 0 if blocks == 6 else preempted == 0
+    assert engine.cache.free_blocks == blocks  # everything freed
+    assert metrics.success_count("length") == len(PROMPTS)
+
+
+def test_engine_stops_at_eos_and_refuses_what_never_fits(
+    model: MoEDecoder, reference: list[list[int]]
+) -> None:
+    eos_prompt = next((p, r) for p, r in zip(PROMPTS, reference, strict=True) if EOS in r)
+
+    async def scenario() -> tuple[Any, Engine]:
+        engine, _ = make_engine(model, 8)
+        engine.start()
+        try:
+            with pytest.raises(RejectedRequestError) as caught:
+                engine.submit("big", [BOS] * 40, SamplingParams(max_tokens=100))
+            assert caught.value.field == "max_tokens" and "8 in all" in str(caught.value)
+            params = SamplingParams(max_tokens=24, temperature=0.0)
+            return await generate_all(engine, [eos_prompt[0]], params), engine
+        finally:
+            await engine.stop()
+
+    ((tokens, event),) = run(scenario())[0]
+    expected = eos_prompt[1][: eos_prompt[1].index(EOS) + 1]
+    assert tokens == expected and isinstance(event, FinishEvent) and event.reason == "stop"
+
+
+def test_an_abandoned_stream_aborts_and_frees_its_blocks(model: MoEDecoder) -> None:
+    async def scenario() -> Engine:
+        engine, metrics = make_engine(model, 64)
+        engine.start()
+        try:
+            stream = engine.submit(
+                "a", PROMPTS[0], SamplingParams(max_tokens=200, temperature=0.0, stop_token_ids=())
+            )
+            seen = 0
+            async for event in stream:
+                seen += isinstance(event, TokenEvent)
+                if seen == 3:
+                    break
+            for _ in range(100):
+                if engine.cache.free_blocks == 64:
+                    break
+                await asyncio.sleep(0.01)
+            assert metrics.success_count("abort") == 1
+            return engine
+        finally:
+            await engine.stop()
+
+    assert run(scenario()).cache.free_blocks == 64
+
+
+# ----- servers on real sockets, one process -------------------------------------------------
+@asynccontextmanager
+async def serving(app: web.Application, port: int) -> AsyncIterator[str]:
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.SockSite(runner, bind_socket("127.0.0.1", port))
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def free_port() -> int:
+    sock = bind_socket("127.0.0.1", 0)
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+@dataclass
+class Plane:
+    plan: ServingPlan
+    router: str
+    workers: dict[str, list[str]]
+    session: aiohttp.ClientSession
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(600):
+        async with session.get(f"{url}/readyz") as response:
+            if response.status == 200:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} never became ready")
+
+
+@asynccontextmanager
+async def plane(
+    topology: str, *, kv_blocks: int = 256, with_prefill: bool = True
+) -> AsyncIterator[Plane]:
+    """Every server of `topology` plus the router, in this event loop on real sockets."""
+    roles = {
+        "Colocated": ["decode"],
+        "PD": ["prefill", "decode"],
+        "PDAF": ["prefill", "attention", "ffn"],
+    }[topology]
+    ports = {role: free_port() for role in roles}
+    urls = {role: [f"http://127.0.0.1:{port}"] for role, port in ports.items()}
+    router_port = free_port()
+    plan = parse_plan(local_plan(topology=topology, model="tiny", pools=urls, router_url="r"))
+    async with AsyncExitStack() as stack:
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        for role in roles:  # ffn last: the attention worker connects to it once it loads
+            if role == "prefill" and not with_prefill:
+                continue
+            options = WorkerOptions(
+                role=plan.server_role(role), host="127.0.0.1", port=ports[role], kv_blocks=kv_blocks
+            )
+            server: PrefillServer | DecodeServer | FFNWorker
+            if role == "prefill":
+                server = PrefillServer(plan, options)
+            elif role == "ffn":
+                server = FFNWorker(plan, options)
+            else:
+                server = DecodeServer(plan, options, options.role)
+            await stack.enter_async_context(serving(server.app(), ports[role]))
+        for role in roles:
+            if role != "prefill" or with_prefill:
+                await wait_ready(session, urls[role][0])
+        router = Router(plan, RouterOptions(host="127.0.0.1", port=router_port, refresh_s=0.2))
+        router_url = await stack.enter_async_context(serving(router.app(), router_port))
+        yield Plane(plan, router_url, urls, session)
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: Mapping[str, Any]
+) -> tuple[int, Any]:
+    async with session.post(url, json=body) as response:
+        return response.status, await response.json()
+
+
+async def completion_tokens(p: Plane, prompt: list[int], max_tokens: int) -> list[int]:
+    body = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    status, answer = await post(p.session, f"{p.router}/v1/completions", body)
+    assert status == 200, answer
+    assert answer["usage"]["completion_tokens"] == max_tokens
+    tokens: list[int] = answer["choices"][0]["token_ids"]
+    return tokens
+
+
+@pytest.mark.parametrize("topology", ["Colocated", "PD", "PDAF"])
+def test_router_generates_generate_greedys_tokens(
+    topology: str, reference: list[list[int]]
+) -> None:
+    async def scenario() -> list[list[int]]:
+        async with plane(topology) as p:
+            return list(
+                await asyncio.gather(*(completion_tokens(p, prompt, 24) for prompt in PROMPTS))
+            )
+
+    assert run(scenario()) == reference
+
+
+def test_streaming_chunks_carry_every_token_and_finish(reference: list[list[int]]) -> None:
+    async def scenario() -> list[dict[str, Any]]:
+        async with plane("PD") as p:
+            body = {
+                "model": "tiny",
+                "prompt": PROMPTS[0],
+                "max_tokens": 24,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "return_token_ids": True,
+                "stream_options": {"include_usage": True},
+            }
+            async with p.session.post(f"{p.router}/v1/completions", json=body) as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"].startswith("text/event-stream")
+                raw = (await response.read()).decode()
+        events = [line.removeprefix("data: ") for line in raw.split("\n\n") if line]
+        assert events[-1] == "[DONE]"
+        return [json.loads(e) for e in events[:-1]]
+
+    chunks = run(scenario())
+    tokens = [t for c in chunks for choice in c["choices"] for t in choice.get("token_ids", [])]
+    assert tokens == reference[0]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 24 and chunks[-1]["choices"] == []
+    text = "".join(choice["text"] for c in chunks for choice in c["choices"])
+    assert text == TOKENIZER.decode(reference[0])
+
+
+def test_bad_requests_and_missing_workers_get_openai_errors() -> None:
+    async def scenario() -> None:
+        async with plane("PD", kv_blocks=4, with_prefill=False) as p:
+            url = f"{p.router}/v1/completions"
+            status, body = await post(
+                p.session, url, {"model": "tiny", "prompt": "x", "max_tokens": -1}
+            )
+            assert status == 400 and body["error"]["param"] == "max_tokens"
+            status, body = await post(
+                p.session, f"{p.router}/v1/chat/completions", {"model": "tiny"}
+            )
+            assert status == 400 and body["error"]["param"] == "messages"
+            async with p.session.post(url, data=b"{not json") as response:
+                assert response.status == 400
+                assert "not valid JSON" in (await response.json())["error"]["message"]
+            status, body = await post(p.session, url, {"model": "tiny", "prompt": "x"})
+            assert status == 503 and "no prefill worker is ready" in body["error"]["message"]
+            decode = p.workers["decode"][0]
+            status, body = await post(
+                p.session,
+                f"{decode}/v1/generate",
+                {"request_id": "r", "prompt_tokens": [1] * 50, "sampling": {"max_tokens": 30}},
+            )
+            assert status == 400 and body["error"]["param"] == "max_tokens"
+            status, body = await post(
+                p.session, f"{decode}/v1/generate", {"request_id": "r", "prompt_tokens": [1, 999]}
+            )
+            assert status == 400 and body["error"]["param"] == "prompt_tokens"
+            status, body = await post(
+                p.session,
+                f"{decode}/v1/generate",
+                {"request_id": "r", "prompt_tokens": [1], "first_token": 5, "kv_timeout_s": 0.2},
+            )
+            assert status == 502 and "no KV transfer began" in body["error"]["message"]
+
+    run(scenario())
+
+
+def test_a_dead_decode_peer_fails_the_prefill_naming_it() -> None:
+    async def scenario() -> None:
+        async with plane("PD") as p:
+            prefill = p.workers["prefill"][0]
+            body = {
+                "request_id": "r",
+                "prompt_tokens": [1, 2, 3],
+                "decode": f"127.0.0.1:{free_port()}",
+            }
+            status, answer = await post(p.session, f"{prefill}/v1/prefill", body)
+            assert status == 502 and "KV receiver 127.0.0.1:" in answer["error"]["message"]
+            status, answer = await post(
+                p.session, f"{prefill}/v1/prefill", body | {"decode": "nowhere"}
+            )
+            assert status == 400 and answer["error"]["param"] == "decode"
+
+    run(scenario())
