@@ -300,7 +300,7 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _ints(value: str) -> list[int]:
+def _ints(_ctx: click.Context, _param: click.Parameter, value: str) -> list[int]:
     try:
         numbers = [int(part) for part in value.split(",") if part.strip()]
     except ValueError:
@@ -322,6 +322,7 @@ def bench() -> None:
     "--contexts",
     default="1024,2048,4096,8192,16384,32768",
     show_default=True,
+    callback=_ints,
     help="Decode attention context lengths.",
 )
 @click.option("--batch", default=64, show_default=True, help="Decode attention batch.")
@@ -329,6 +330,7 @@ def bench() -> None:
     "--tokens",
     default="128,512,2048,8192,16384",
     show_default=True,
+    callback=_ints,
     help="Fused MoE token counts.",
 )
 @click.option("--hidden", default=7168, show_default=True, help="MoE hidden size.")
@@ -351,9 +353,9 @@ def bench() -> None:
 def kernels(
     *,
     as_json: bool,
-    contexts: str,
+    contexts: list[int],
     batch: int,
-    tokens: str,
+    tokens: list[int],
     hidden: int,
     intermediate: int,
     experts: int,
@@ -363,9 +365,12 @@ def kernels(
 ) -> None:
     """Paged decode attention (GB/s vs copy bandwidth and torch) and fused MoE (TFLOP/s vs
     one torch.matmul and vs the per-expert loop), measured on this machine's GPU."""
-    context_list, token_list = _ints(contexts), _ints(tokens)
-    import torch
-
+    try:
+        import torch
+    except ImportError:
+        raise click.ClickException(
+            "torch is not installed: pip install 'kleave[workers]' (and a CUDA device)"
+        ) from None
     if not torch.cuda.is_available():
         click.echo(NO_CUDA, err=True)
         sys.exit(1)
@@ -375,8 +380,8 @@ def kernels(
         report = _run(
             attention_shape=attention_shape,
             moe_shape=moe_shape,
-            contexts=context_list,
-            tokens=token_list,
+            contexts=contexts,
+            tokens=tokens,
             repeats=repeats,
             only=only,
         )
