@@ -223,8 +223,17 @@ async def send_tensor(
     The device copy and the hash of a large tensor run on a thread, so the event loop keeps
     serving other connections meanwhile. Returns once the frame is handed to the transport.
     """
-    large = tensor.device.type != "cpu" or tensor.numel() * tensor.element_size() > OFFLOAD_BYTES
-    if large:
+    if tensor.is_cuda:
+        # The copy runs on another thread's stream: wait for the caller's stream to get here.
+        produced = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        produced.record()
+
+        def encode_after_producer() -> EncodedFrame:
+            produced.synchronize()
+            return encode_tensor(name, tensor, kind=kind, meta=meta, checksum=checksum)
+
+        frame = await asyncio.to_thread(encode_after_producer)
+    elif tensor.numel() * tensor.element_size() > OFFLOAD_BYTES:
         frame = await asyncio.to_thread(
             encode_tensor, name, tensor, kind=kind, meta=meta, checksum=checksum
         )
