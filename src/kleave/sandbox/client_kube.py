@@ -561,7 +561,7 @@ def _kube_error(status: int, body: bytes) -> SandboxError:
 
 
 def token_from_secret(secret: Mapping[str, Any] | None) -> tuple[str | None, str | None]:
-    """(token, pod) from the ``<sandbox>-runtime-token`` Secret the operator publishes."""
+    """(token, pod) from the Secret ``status.tokenSecretName`` names (``<pod>-runtime-token``)."""
     data = (secret or {}).get("data") or {}
 
     def decoded(key: str) -> str | None:
