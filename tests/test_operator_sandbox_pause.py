@@ -234,6 +234,31 @@ def test_pause_snapshots_to_the_claim_and_resume_restores_into_a_fresh_pod(
     run(tmp_path, body)
 
 
+def test_a_lost_pod_comes_back_from_the_last_snapshot_with_a_warning(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        first = await _start_ready(world)
+        await first.call("PUT", "/v1/files?path=kept.txt", data=b"before the pause")
+        await _pause(world, first)
+        world.set_mode("Running")
+        await world.reconcile()
+        second = await world.start_pod("s0-r1")
+        await world.reconcile()
+        assert world.status()["phase"] == "Ready"
+        await second.stop()  # the node dies: the pod and its workspace are gone
+        lost = world.h.kube.objects.pop((POD.plural, NS, "s0-r1"))
+        world.h.ctl.observe("DELETED", lost)
+        await world.reconcile()
+        warnings = [e for e in world.h.kube.events if e["reason"] == "PodLost"]
+        assert warnings and "snapshot 1" in warnings[-1]["message"]
+        assert (POD.plural, NS, "s0-r1") in world.h.kube.objects  # a fresh pod, same claim
+        third = await world.start_pod("s0-r1")
+        await world.reconcile()
+        assert world.status()["phase"] == "Ready"
+        assert await third.call("GET", "/v1/files?path=kept.txt") == b"before the pause"
+
+    run(tmp_path, body)
+
+
 def test_a_rewritten_audit_log_is_reported_on_resume(tmp_path: Path) -> None:
     async def body(world: World) -> None:
         first = await _start_ready(world)

@@ -801,6 +801,16 @@ class SandboxControllers(CachedController):
             bound = current.get("podName")
             snapshot = current.get("snapshot") or {}
             if snapshot.get("generation") is not None and current.get("volumeClaimName"):
+                if current.get("phase") not in ("Pausing", "Paused", "Resuming"):
+                    events.append(
+                        Event(
+                            "Warning",
+                            "PodLost",
+                            f"pod {bound} is gone; resuming from snapshot "
+                            f"{snapshot['generation']} taken at {snapshot.get('takenAt')}: "
+                            "work after it is lost",
+                        )
+                    )
                 if problem is None and spec is not None and template is not None and template_spec:
                     pod = await self._start_resume(
                         sandbox,
@@ -961,6 +971,10 @@ class SandboxControllers(CachedController):
         elif claim is not None:
             await self._own_claim(sandbox, claim)
         await self.api.delete(POD, namespace, meta["name"], uid=meta["uid"])
+        # Until the watch says so, the cache must not offer this pod for a second snapshot.
+        going = {**pod, "metadata": {**meta, "deletionTimestamp": format_ms(datetime.now(UTC))}}
+        self.pods.upsert(going)
+        step.pod_after_pause = self.pods.get(namespace, meta["name"])
         why = "idle timeout" if intent.pause_reason == sandbox_pause.IDLE else "spec.mode Paused"
         events.append(Event("Normal", "Paused", f"{why}: pod {meta['name']} deleted"))
 
