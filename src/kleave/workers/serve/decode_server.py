@@ -87,6 +87,7 @@ class DecodeServer:
         self.ffn: FFNLink | None = None
         self.load_error: str | None = None
         self._loading: asyncio.Task[None] | None = None
+        self._linking: asyncio.Task[None] | None = None
 
     # ----- lifecycle --------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -113,7 +114,8 @@ class DecodeServer:
             forward: Forward
             if self.role == "attention":
                 self.ffn = FFNLink(self.plan, self.options)
-                await self.ffn.connect()
+                loop = asyncio.get_running_loop()
+                self._linking = loop.create_task(self.ffn.keep_connected())
                 forward = RemoteFFNForward(
                     self.model, self.thread, self.ffn.ffn, self.metrics.af_exchange_seconds.observe
                 )
@@ -134,10 +136,11 @@ class DecodeServer:
             self.load_error = f"{type(error).__name__}: {error}"
 
     async def _on_cleanup(self, _: web.Application) -> None:
-        if self._loading is not None:
-            self._loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loading
+        for task in (self._loading, self._linking):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.engine is not None:
             await self.engine.stop()
         if self.receiver is not None:

@@ -99,6 +99,20 @@ class FFNLink:
             self.last_error = "; ".join(failures)
             raise FFNUnavailableError(f"no FFN worker answers: {self.last_error}")
 
+    async def keep_connected(self, interval_s: float = 0.5) -> None:
+        """Dial until connected, and again whenever the link lost its FFN worker.
+
+        FFN workers may start after their attention workers (pods start in any order), so a
+        refused first dial is not an error, only a reason /readyz gives.
+        """
+        while True:
+            if self.client is None:
+                try:
+                    await self.connect()
+                except FFNUnavailableError as error:
+                    log.debug("FFN link: %s", error)
+            await asyncio.sleep(interval_s)
+
     async def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """`h + FFN(norm(h))` of `layer` on an FFN worker; one retry on another connection."""
         client = self.client or await self.connect()
