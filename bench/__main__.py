@@ -6,10 +6,19 @@ import argparse
 
 from bench import devcluster, inference_deployments, planner_pareto
 
+
+def workers_cpu() -> str:
+    """Imported when run: it needs torch (the workers extra), the others do not."""
+    from bench import workers_cpu
+
+    return workers_cpu.main()
+
+
 BENCHMARKS = {
     "devcluster": devcluster.main,
     "inference": inference_deployments.main,
     "planner": planner_pareto.main,
+    "workers": workers_cpu,
 }
 
 
