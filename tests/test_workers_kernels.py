@@ -15,11 +15,13 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from click.testing import CliRunner
@@ -394,6 +396,103 @@ def test_triton_kernel_fused_moe_matches_naive(shape: MoEShape, dtype: torch.dty
         torch.testing.assert_close(got.cpu().double(), expected, atol=atol, rtol=0.02)
     if not INTERPRETED:
         torch.testing.assert_close(fused_moe(*args), fused_moe_triton(*args), atol=0, rtol=0)
+
+
+# ----- the Triton kernels compiled for a GPU, without one ----------------------------------------
+def _signature(fn: Any, constexprs: dict[str, object], dtype: str) -> tuple[Any, Any]:
+    """Argument types as Triton's launcher would specialize them for our wrappers' calls:
+    data pointers of `dtype`, int32 tables, float32 partials and weights, int32 sizes; data
+    pointers, strides and the GEMM sizes 16-divisible (what vectorized loads need)."""
+    types = {
+        "q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "out_ptr": dtype, "x_ptr": dtype,
+        "w_ptr": dtype, "act_ptr": dtype, "block_tables_ptr": "*i32",
+        "context_lens_ptr": "*i32", "sorted_pairs_ptr": "*i32", "block_experts_ptr": "*i32",
+        "total_rows_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+        "weights_ptr": "*fp32", "scale_log2": "fp32",
+    }  # fmt: skip
+    signature = {
+        name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names
+    }
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name] not in ("constexpr", "fp32")
+        and (name.endswith("_ptr") or name.startswith("stride") or name in ("N", "K"))
+    }
+    return signature, attrs
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_kernels_compile_for_hopper_without_spilling(tmp_path: Path) -> None:
+    """The interpreter checks the arithmetic but not what only the compiler sees (types,
+    layouts, shared memory, registers): compile each kernel to an sm_90 cubin with the ptxas
+    Triton bundles, for the decode shape the benchmark runs and the smallest and largest MoE
+    tiles, and require no register spills."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource for ahead-of-time compilation")
+    from kleave.workers.kernels import _triton_decode, _triton_moe
+
+    decode: dict[str, object] = {
+        "GROUP": 4,
+        "BLOCK_G": 16,
+        "BLOCK_N": 64,
+        "BLOCK_D": 128,
+        "HEAD_DIM": 128,
+    }
+    decode |= {"PAGE": 16, "PRECISION": "tf32"}
+    builds: list[tuple[Any, dict[str, object], int, int]] = [
+        (_triton_decode._decode_split_kernel, {**decode, "SINGLE_SPLIT": False}, 4, 2),
+        (_triton_decode._decode_split_kernel, {**decode, "SINGLE_SPLIT": True}, 4, 2),
+        (
+            _triton_decode._decode_merge_kernel,
+            {"BLOCK_S": 4, "BLOCK_D": 128, "HEAD_DIM": 128},
+            4,
+            2,
+        ),
+    ]
+    for config in (_triton_moe.choose_config(8, 256), _triton_moe.choose_config(1 << 17, 256)):
+        tiles: dict[str, object] = {
+            "BLOCK_M": config.block_m,
+            "BLOCK_K": config.block_k,
+            "GROUP_M": config.group_m,
+        }
+        tiles["PRECISION"] = "tf32"
+        for kernel, block_n in (
+            (_triton_moe._gate_up_kernel, max(16, config.block_n // 2)),
+            (_triton_moe._down_kernel, config.block_n),
+        ):
+            builds.append(
+                (kernel, {**tiles, "BLOCK_N": block_n}, config.num_warps, config.num_stages)
+            )
+    for fn, constexprs, num_warps, num_stages in builds:
+        signature, attrs = _signature(fn, constexprs, "*bf16")
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs, attrs),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": True},
+        )
+        assert compiled.asm["cubin"], fn.__name__
+        ptx = compiled.asm["ptx"]
+        if fn is not _triton_decode._decode_merge_kernel:  # the merge has no matmul
+            assert "mma" in ptx, f"{fn.__name__}: no tensor-core instructions"
+        spills = _ptxas_spill_bytes(ptx, tmp_path / f"{fn.__name__}.ptx")
+        assert spills == 0, f"{fn.__name__} {constexprs} spills {spills} bytes"
+
+
+def _ptxas_spill_bytes(ptx: str, path: Path) -> int:
+    """Spill stores ptxas reports for sm_90a, with the flags Triton itself passes."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    path.write_text(ptx)
+    cmd = [get_ptxas(90).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(path)]
+    cmd += ["-o", str(path.with_suffix(".cubin"))]
+    log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
 
 
 # ----- the Triton kernels on the CPU --------------------------------------------------------------
