@@ -572,6 +572,10 @@ def test_bad_requests_and_missing_workers_get_openai_errors() -> None:
                 assert "not valid JSON" in (await response.json())["error"]["message"]
             status, body = await post(p.session, url, {"model": "tiny", "prompt": "x"})
             assert status == 503 and "no prefill worker is ready" in body["error"]["message"]
+            too_big = {"model": "tiny", "prompt": [1] * 40, "max_tokens": 40}
+            status, body = await post(p.session, url, too_big)
+            assert status == 400 and body["error"]["param"] == "max_tokens"
+            assert p.workers["decode"][0] in body["error"]["message"]  # the worker's cache
             decode = p.workers["decode"][0]
             status, body = await post(
                 p.session,
@@ -608,5 +612,68 @@ def test_a_dead_decode_peer_fails_the_prefill_naming_it() -> None:
                 p.session, f"{prefill}/v1/prefill", body | {"decode": "nowhere"}
             )
             assert status == 400 and answer["error"]["param"] == "decode"
+
+    run(scenario())
+
+
+async def info(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with session.get(f"{url}/v1/info") as response:
+        result: dict[str, Any] = await response.json()
+        return result
+
+
+def test_a_client_that_goes_away_aborts_its_request_on_the_decode_worker() -> None:
+    async def scenario() -> dict[str, Any]:
+        async with plane("PD") as p:
+            body = {"model": "tiny", "prompt": "go on", "max_tokens": 3000, "temperature": 0}
+            body |= {"ignore_eos": True, "stream": True}
+            async with p.session.post(f"{p.router}/v1/completions", json=body) as response:
+                for _ in range(3):
+                    await response.content.readline()
+            decode = p.workers["decode"][0]
+            for _ in range(500):
+                state = await info(p.session, decode)
+                if state["running"] == 0 and state["free_blocks"] == state["num_blocks"]:
+                    async with p.session.get(f"{decode}/metrics") as metrics:
+                        state["metrics"] = await metrics.text()
+                    return state
+                await asyncio.sleep(0.02)
+            raise AssertionError(f"the decode worker still runs the request: {state}")
+
+    state = run(scenario())
+    assert (
+        'vllm:request_success_total{engine="0",finished_reason="abort",model_name="tiny"} 1.0'
+        in state["metrics"]
+    )
+
+
+def test_an_attention_worker_waits_for_its_ffn_worker() -> None:
+    async def scenario() -> None:
+        ports = {role: free_port() for role in ("attention", "ffn")}
+        urls = {role: [f"http://127.0.0.1:{port}"] for role, port in ports.items()}
+        urls["prefill"] = ["http://127.0.0.1:9"]
+        plan = parse_plan(local_plan(topology="PDAF", model="tiny", pools=urls, router_url="r"))
+        options = WorkerOptions(
+            role="attention", host="127.0.0.1", port=ports["attention"], kv_blocks=64
+        )
+        async with AsyncExitStack() as stack:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            attention = DecodeServer(plan, options, "attention")
+            url = await stack.enter_async_context(serving(attention.app(), ports["attention"]))
+            for _ in range(200):
+                async with session.get(f"{url}/readyz") as response:
+                    reason = (await response.json()).get("error", {}).get("message", "")
+                if "no FFN worker connected" in reason:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"attention readiness never named the FFN: {reason}")
+            ffn = FFNWorker(plan, replace(options, role="ffn", port=ports["ffn"]))
+            await stack.enter_async_context(serving(ffn.app(), ports["ffn"]))
+            await wait_ready(session, url)
+            generate = {"request_id": "r", "prompt_tokens": PROMPTS[1], "stream": False}
+            generate["sampling"] = {"max_tokens": 5, "stop_token_ids": []}
+            status, body = await post(session, f"{url}/v1/generate", generate)
+            assert status == 200 and len(body["tokens"]) == 5
 
     run(scenario())

@@ -189,14 +189,18 @@ class DecodeServer:
         kv_timeout = float(field(body, "kv_timeout_s", (int, float), self.options.kv_timeout_s))
         try:
             engine.check(len(prompt), params)
-        except RejectedRequestError as error:
-            raise ApiError(400, str(error), param=error.field) from None
-        kv = None
-        if first_token is not None:
-            if not 0 <= first_token < self.plan.config.vocab_size:
+            if first_token is not None and not 0 <= first_token < self.plan.config.vocab_size:
                 raise ApiError(
                     400, f"first_token {first_token} is outside the vocabulary", "first_token"
                 )
+        except (RejectedRequestError, ApiError) as error:
+            if first_token is not None and self.receiver is not None:
+                self.receiver.discard(request_id)  # its K/V must not wait here for ever
+            if isinstance(error, ApiError):
+                raise
+            raise ApiError(400, str(error), param=error.field) from None
+        kv = None
+        if first_token is not None:
             kv = await self._receive_kv(engine, request_id, kv_timeout)
         try:
             stream = engine.submit(

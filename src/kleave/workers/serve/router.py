@@ -80,6 +80,7 @@ class Generation:
         timeout = aiohttp.ClientTimeout(
             total=None, connect=5.0, sock_read=router.options.worker_timeout_s
         )
+        self._check_fits(decode)
         if plan.topology != "Colocated":
             body["first_token"] = await self._prefill(decode, timeout)
         with router.track(decode):
@@ -88,6 +89,26 @@ class Generation:
                     yield int(event["token"])
                 elif "finish_reason" in event:
                     self.finish_reason = str(event["finish_reason"])
+
+    def _check_fits(self, decode: WorkerState) -> None:
+        """Refuse before the prefill what the chosen decode worker's cache could never hold.
+
+        The decode worker would refuse it too, but only after the prefill worker spent the
+        compute and shipped K/V that nobody will use.
+        """
+        blocks, size = decode.info.get("num_blocks"), decode.info.get("block_size")
+        if not isinstance(blocks, int) or not isinstance(size, int) or size < 1:
+            return
+        request = self.request
+        total = len(request.prompt_tokens) + request.params.max_tokens
+        if -(-total // size) > blocks:
+            raise ApiError(
+                400,
+                f"the prompt ({len(request.prompt_tokens)} tokens) plus max_tokens "
+                f"({request.params.max_tokens}) needs {-(-total // size)} KV blocks of {size} "
+                f"tokens; {decode.role} worker {decode.url} has {blocks} in all",
+                "max_tokens",
+            )
 
     async def _prefill(self, decode: WorkerState, timeout: aiohttp.ClientTimeout) -> int:
         router, request = self.router, self.request
