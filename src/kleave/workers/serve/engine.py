@@ -411,8 +411,9 @@ class Engine:
 
 
 def _write_kv(cache: PagedKVCache, seq_id: int, kv: KVLayers) -> None:
+    """Copy a context's K/V into the cache (received K/V arrives on the host)."""
     for layer, (k, v) in enumerate(kv):
-        cache.write(seq_id, layer, 0, k, v)
+        cache.write(seq_id, layer, 0, k.to(cache.device), v.to(cache.device))
 
 
 def _sample_batch(logits: torch.Tensor, choices: list[tuple[SamplingParams, int]]) -> list[int]:

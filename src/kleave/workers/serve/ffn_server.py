@@ -89,7 +89,7 @@ class FFNWorker:
     async def _load(self) -> None:
         try:
             self.model = await asyncio.to_thread(build_model, self.plan, self.options)
-            self.server = ActivationServer(self._ffn)
+            self.server = ActivationServer(self._ffn, device=self.model.device)
             await self.server.start(self.options.host, self.options.af_port)
         except Exception as error:
             log.exception("the FFN worker failed to start")

@@ -101,7 +101,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
     """Choose output token `index` from float32 logits `[vocab]`."""
     if params.greedy:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # On the host: the seeded generator is a CPU one (the same stream on every device).
+    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         ordered, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
