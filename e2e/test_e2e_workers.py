@@ -30,6 +30,7 @@ else:
 
 from conftest import wait_for
 from kleave.devcluster.prometheus import PrometheusServer, ScrapeTarget
+from kleave.planner.metrics import PrometheusReader
 from kleave.workers.config import MODEL_PRESETS
 from kleave.workers.model import MoEDecoder, generate_greedy
 from kleave.workers.serve.local import LocalDataPlane
@@ -183,7 +184,7 @@ def query(prometheus: PrometheusServer, promql: str) -> list[dict[str, Any]]:
         return result
 
 
-def test_prometheus_scrapes_the_workers_generation_tokens(tmp_path: Path) -> None:
+def test_prometheus_scrapes_the_workers_and_the_planner_reads_them(tmp_path: Path) -> None:
     plane = start_plane(tmp_path / "plane", "PD", {"prefill": 1, "decode": 1})
     try:
         targets = [
@@ -195,32 +196,46 @@ def test_prometheus_scrapes_the_workers_generation_tokens(tmp_path: Path) -> Non
             for p in plane.processes
             if p.role != "router"
         ]
-        requests, lengths = 3, (5, 9, 13)
-        openai_client = client(plane)
-        for max_tokens in lengths:
-            openai_client.completions.create(
-                model="tiny",
-                prompt="count me",
-                max_tokens=max_tokens,
-                temperature=0,
-                extra_body={"ignore_eos": True},
-            )
         with PrometheusServer(tmp_path / "prometheus", targets, scrape_interval_s=0.5) as prom:
             selector = '{kleave_dev_inference_deployment="local"}'
             promql = f"sum by (kleave_dev_role) (vllm:generation_tokens_total{selector})"
 
-            def by_role() -> dict[str, float] | None:
+            def by_role(expected: dict[str, float]) -> dict[str, float] | None:
                 found = {
                     r["metric"]["kleave_dev_role"]: float(r["value"][1])
                     for r in query(prom, promql)
                 }
-                return found if set(found) == {"prefill", "decode"} else None
+                return found if found == expected else None
 
-            found = wait_for(by_role, timeout=30, what="generation tokens of both roles")
+            # The idle workers' zeros first, so the traffic below is an increase to rate().
+            wait_for(lambda: by_role({"prefill": 0.0, "decode": 0.0}), 30, "both roles at 0")
+            lengths = (5, 9, 13)
+            prompt = "count me"
+            openai_client = client(plane)
+            for max_tokens in lengths:
+                openai_client.completions.create(
+                    model="tiny",
+                    prompt=prompt,
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    extra_body={"ignore_eos": True},
+                )
             # The decode worker streams every output token; the prefill worker made each first.
-            assert found == {"decode": float(sum(lengths)), "prefill": float(requests)}
+            expected = {"decode": float(sum(lengths)), "prefill": float(len(lengths))}
+            wait_for(lambda: by_role(expected), 30, f"generation tokens {expected}")
             success = query(prom, 'sum(vllm:request_success_total{kleave_dev_role="decode"})')
-            assert float(success[0]["value"][1]) == requests
+            assert float(success[0]["value"][1]) == len(lengths)
+
+            # The planner's own reader: its means divide rates of different roles' counters,
+            # and each target's rate() extrapolates from its own scrape times over a burst of
+            # a few seconds, so they are near the truth, not equal to it (the totals above are).
+            reader = PrometheusReader(prom.url, 'kleave_dev_inference_deployment="local"')
+            load = reader.observe(window_s=60)
+            assert load.rate_rps > 0
+            assert load.mean_osl == pytest.approx(sum(lengths) / len(lengths), rel=0.5)
+            assert load.mean_isl == pytest.approx(len(TOKENIZER.encode(prompt)), rel=0.5)
+            assert set(load.running) == {"prefill", "decode"}
+            assert load.ttft_mean_s is not None and load.tpot_mean_s is not None
     finally:
         plane.stop()
 
