@@ -677,3 +677,37 @@ def test_an_attention_worker_waits_for_its_ffn_worker() -> None:
             assert status == 200 and len(body["tokens"]) == 5
 
     run(scenario())
+
+
+def test_the_commands_accept_the_arguments_the_operator_gives_its_pods() -> None:
+    from kleave.operator.engines import RouterSpec, WorkerSpec, router_preset, worker_preset
+    from kleave.workers.cli import router, serve
+
+    worker = worker_preset(
+        WorkerSpec(
+            engine="builtin",
+            topology="PDAF",
+            role="attention",
+            model="tiny",
+            tensor=1,
+            expert=1,
+            gpus=1,
+            kv_backend="auto",
+        )
+    )
+    assert worker.command == ("kleave",) and worker.args[:2] == ("workers", "serve")
+    assert (worker.readiness_path, worker.liveness_path) == ("/readyz", "/healthz")
+    context = serve.make_context("serve", list(worker.args[2:]))
+    assert context.params["role"] == "attention" and context.params["port"] == 8000
+    assert str(context.params["plan_path"]) == "/etc/kleave/plan/plan.json"
+    spec = RouterSpec(
+        engine="builtin",
+        topology="PD",
+        model="tiny",
+        kv_backend="auto",
+        prefill_urls=("http://p",),
+        decode_urls=("http://d",),
+    )
+    preset = router_preset(spec)
+    assert preset.args[:2] == ("workers", "router")
+    assert router.make_context("router", list(preset.args[2:])).params["port"] == 8000
