@@ -711,3 +711,20 @@ def test_the_commands_accept_the_arguments_the_operator_gives_its_pods() -> None
     preset = router_preset(spec)
     assert preset.args[:2] == ("workers", "router")
     assert router.make_context("router", list(preset.args[2:])).params["port"] == 8000
+
+
+def test_a_seeded_sampled_request_gets_the_same_tokens_in_every_topology() -> None:
+    async def sampled(topology: str) -> list[list[int]]:
+        async with plane(topology) as p:
+            answers = []
+            for seed in (1, 2):
+                body = {"model": "tiny", "prompt": "sample", "max_tokens": 16, "temperature": 1.0}
+                body |= {"top_p": 0.9, "seed": seed, "ignore_eos": True, "return_token_ids": True}
+                status, answer = await post(p.session, f"{p.router}/v1/completions", body)
+                assert status == 200, answer
+                answers.append(answer["choices"][0]["token_ids"])
+            return answers
+
+    colocated, pd, pdaf = (run(sampled(t)) for t in ("Colocated", "PD", "PDAF"))
+    assert colocated == pd == pdaf
+    assert colocated[0] != colocated[1]  # the seed matters
