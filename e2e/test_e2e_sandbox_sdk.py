@@ -9,7 +9,6 @@ publishes per pod. The operator runs as a local process, as in the other e2e mod
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,38 +16,21 @@ from pathlib import Path
 import pytest
 
 from conftest import Cluster, wait_for
-from kleave.api.registry import render_crds
 from kleave.sandbox.client import (
     AsyncSandboxClient,
     RuntimeRefused,
     SandboxClient,
     SandboxError,
 )
-from test_e2e_operator import Operator
+from local_sandboxes import local_sandbox_namespace, local_template_manifest
 
 NAMESPACE = "sandbox-sdk"
-RUNTIME_CLASS = "kleave-microvm"
-LOCAL_NODE = "kleave-local-0"
-PORT = 18080
 
 
 def template_manifest(name: str, idle_seconds: int = 0) -> str:
-    return f"""
-apiVersion: kleave.dev/v1alpha1
-kind: SandboxTemplate
-metadata: {{name: {name}, namespace: {NAMESPACE}}}
-spec:
-  image: kleave/kleave:0.1.0
-  runtimePort: {PORT}
-  resources:
-    limits: {{cpu: 500m, memory: 256Mi}}
-  tools: {{allowedCommands: [ls, cat, echo]}}
-  lifetime: {{idleTimeoutSeconds: {idle_seconds}, maxLifetimeSeconds: 3600}}
-  persistence: {{enabled: true, size: 64Mi}}
-  nodeSelector: {{kleave.dev/local-node: "true"}}
-  tolerations:
-    - {{key: kleave.dev/local-node, operator: Exists, effect: NoSchedule}}
-"""
+    return local_template_manifest(
+        name, NAMESPACE, idle_seconds=idle_seconds, commands=("ls", "cat", "echo")
+    )
 
 
 def pool_manifest(name: str, replicas: int) -> str:
@@ -63,39 +45,8 @@ spec: {{templateRef: {{name: {name}}}, replicas: {replicas}}}
 @pytest.fixture(scope="module")
 def sdk_cluster(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """CRDs, the RuntimeClass, the local node Ready, the namespace and a running operator."""
-    documents = "".join(f"---\n{text}" for text in render_crds().values())
-    cluster.kubectl("apply", "--server-side", "--field-manager=kleave", "-f", "-", stdin=documents)
-    cluster.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
-    if cluster.kubectl("get", "runtimeclass", RUNTIME_CLASS, check=False).returncode:
-        runtime_class = {
-            "apiVersion": "node.k8s.io/v1",
-            "kind": "RuntimeClass",
-            "metadata": {"name": RUNTIME_CLASS},
-            "handler": "kata-fc",
-        }
-        cluster.kubectl("create", "-f", "-", stdin=json.dumps(runtime_class), check=False)
-    cluster.kubectl("wait", "--for=condition=Ready", f"node/{LOCAL_NODE}", "--timeout=60s")
-    cluster.kubectl("create", "namespace", NAMESPACE)
-    wait_for(
-        lambda: (
-            cluster.kubectl("get", "sa", "default", "-n", NAMESPACE, check=False).returncode == 0
-        ),
-        30,
-        "default ServiceAccount",
-    )
-    operator = Operator(cluster, tmp_path_factory.mktemp("sdk-operator"))
-    operator.start()
-    try:
+    with local_sandbox_namespace(cluster, NAMESPACE, tmp_path_factory.mktemp("sdk-operator")):
         yield cluster
-    finally:
-        cluster.kubectl("delete", "asbx", "--all", "-n", NAMESPACE, "--wait=true", check=False)
-        operator.stop()
-        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
-        wait_for(
-            lambda: cluster.kubectl("get", "ns", NAMESPACE, check=False).returncode != 0,
-            120,
-            f"{NAMESPACE} deleted",
-        )
 
 
 @pytest.fixture
