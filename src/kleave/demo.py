@@ -12,6 +12,8 @@ from pathlib import Path
 import httpx
 
 from kleave.api.registry import render_crds
+from kleave.demo_steps import NAMESPACE as SANDBOX_NAMESPACE
+from kleave.demo_steps import show_sandbox, show_workers
 from kleave.devcluster.cluster import DevCluster
 from kleave.devcluster.errors import DevClusterError
 from kleave.devcluster.processes import free_ports, is_alive
@@ -54,6 +56,10 @@ class Demo:
         self._run(["get", "nodes", "-L", "nvidia.com/gpu.product"])
         self._run(["get", "inferencedeployments", "-A", "-o", "wide"])
         self._run(["get", "inferencepools", "-A", "-o", "wide"])
+        self.say("\n==> an agent sandbox on the local node: claim, exec, pause, resume")
+        show_sandbox(self._kubectl, Path(state.kubeconfig), self.say)
+        self.say("\n==> the data plane: real tokens through prefill, KV transfer and decode")
+        router = show_workers(self.cluster, self.say)
         self.say(
             "\nkleave is running on a local control plane. Look around with:\n"
             f"  export PATH={Path(self.kubectl).parent}:$PATH   # this kubectl and kleave\n"
@@ -62,6 +68,8 @@ class Demo:
             "  kubectl scale infp/llama-8b-pd-decode --replicas=5   # an External pool\n"
             "  kubectl describe infd <name>            # conditions and events\n"
             "  kubectl explain infd.spec               # the API reference\n"
+            f"  kubectl get asbx,sbxwp -n {SANDBOX_NAMESPACE}   # the demo's sandbox\n"
+            f'  curl -s {router}/v1/completions -d \'{{"prompt": "hi", "max_tokens": 8}}\'\n'
             f"  curl -s {health}/metrics | grep kleave_  # operator metrics\n"
             f"  tail -f {self._operator_log()}          # operator log (JSON)\n"
             "Stop everything with: make demo-down  (or: kleave dev-cluster down)"
@@ -94,6 +102,9 @@ class Demo:
         raise DevClusterError(
             f"the operator did not become ready in 60s (log: {self._operator_log()})"
         )
+
+    def _kubectl(self, *args: str, stdin: str | None = None) -> str:
+        return self._run(list(args), stdin=stdin)
 
     def _operator_log(self) -> Path:
         return self.cluster.state_dir / "logs" / "operator.log"

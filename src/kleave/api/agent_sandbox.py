@@ -142,7 +142,7 @@ KIND = KindInfo(
         },
         {
             "name": "EXPIRES",
-            "type": "date",
+            "type": "string",  # a future time: kubectl shows "date" columns as an age
             "jsonPath": ".status.expiresAt",
             "description": "When maxLifetimeSeconds ends the sandbox.",
             "priority": 1,
