@@ -13,7 +13,6 @@ server refuses pods whose runtime class does not exist.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from kubernetes import client, config
 
 from conftest import Cluster, wait_for
 from kleave.api.registry import render_crds
+from kleave.sandbox.bench_stats import summarize
 from test_e2e_operator import Operator
 
 NODE_LABEL = "kleave.dev/e2e-sandbox-node"
@@ -192,18 +192,11 @@ def _pool_ready(cluster: Cluster, namespace: str, pool: str, replicas: int) -> b
     )
 
 
-def _percentile(values: list[int], q: float) -> float:
-    ordered = sorted(values)
-    return float(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))])
-
-
 def _report(what: str, values: list[int]) -> str:
     if not values:
         return f"{what}: none"
-    return (
-        f"{what}: n={len(values)} p50={statistics.median(values):.0f}ms "
-        f"p99={_percentile(values, 0.99):.0f}ms max={max(values)}ms"
-    )
+    stats = summarize(values)  # the bench's definition, so the numbers compare
+    return f"{what}: n={stats.n} p50={stats.p50:.0f}ms p99={stats.p99:.0f}ms max={stats.max:.0f}ms"
 
 
 def test_warm_pool_of_ten_claims_warm_then_cold_with_isolated_pods(
