@@ -318,7 +318,7 @@ def test_warm_pool_cel_rules() -> None:
     assert spec_rules["!has(self.max) || self.replicas <= self.max"]["message"] == (
         "spec.replicas must be at most spec.max"
     )
-    assert {r["fieldPath"] for r in spec_rules.values()} == {".min", ".replicas"}
+    assert {r["fieldPath"] for r in spec_rules.values()} == {".min", ".replicas", ".max"}
 
 
 def test_template_cel_rules() -> None:

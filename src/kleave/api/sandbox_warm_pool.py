@@ -3,13 +3,14 @@
 Starting a microVM and the runtime inside it takes seconds; adopting one that is already
 running takes milliseconds. A warm pool keeps ``replicas`` unclaimed, ready sandbox pods of its
 template; an AgentSandbox that names the pool adopts one (the pod leaves the pool, which then
-starts a replacement). The ``/scale`` subresource lets ``kubectl scale``, an HPA or, later, the
-planner (sizing from the claim-rate forecast within ``min``/``max``) own ``replicas``.
+starts a replacement). The ``/scale`` subresource lets ``kubectl scale`` or an HPA own
+``replicas``; or ``autoscaling`` lets kleave size the pool from the claim rate (observed, or
+forecast as the DOPD planner forecasts request rates) within ``min``/``max``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -26,6 +27,11 @@ from kleave.api.crd import crd_for
 from kleave.api.sandbox_template import ObjectRef, name_length_rule
 
 MAX_REPLICAS = 10000
+#: The claim history kept in status has at most this many windows (a week of minutes).
+MAX_HISTORY_WINDOWS = 10080
+DEFAULT_STARTUP_S = 30
+
+WarmPoolAutoscalingMode = Literal["off", "reactive", "forecast"]
 
 
 def _spec_rules() -> list[Any]:
@@ -44,6 +50,30 @@ def _spec_rules() -> list[Any]:
             "rule": "!has(self.max) || self.replicas <= self.max",
             "message": "spec.replicas must be at most spec.max",
             "fieldPath": ".replicas",
+        },
+        {
+            "rule": (
+                "!has(self.autoscaling) || !has(self.autoscaling.mode) "
+                "|| self.autoscaling.mode == 'off' || has(self.max)"
+            ),
+            "message": "spec.max is required when spec.autoscaling.mode is reactive or forecast",
+            "fieldPath": ".max",
+        },
+    ]
+
+
+def _autoscaling_rules() -> list[Any]:
+    return [
+        {
+            "rule": (
+                "(has(self.historySeconds) ? self.historySeconds : 172800) <= "
+                f"(has(self.intervalSeconds) ? self.intervalSeconds : 60) * {MAX_HISTORY_WINDOWS}"
+            ),
+            "message": (
+                "spec.autoscaling.historySeconds must be at most "
+                f"{MAX_HISTORY_WINDOWS} x intervalSeconds (the windows kept in status)"
+            ),
+            "fieldPath": ".historySeconds",
         },
     ]
 
@@ -92,6 +122,13 @@ WARM_POOL_KIND = KindInfo(
             "description": "The template hash the pool's ready sandboxes run.",
             "priority": 1,
         },
+        {
+            "name": "AUTOSCALE",
+            "type": "string",
+            "jsonPath": ".status.autoscaling.reason",
+            "description": "Why the autoscaler chose DESIRED (Forecast, Reactive, Burst, ...).",
+            "priority": 1,
+        },
         {"name": "AGE", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ],
     scale=ScaleSubresource(
@@ -101,6 +138,97 @@ WARM_POOL_KIND = KindInfo(
     ),
     validations=[name_length_rule("pool")],
 )
+
+
+class WarmPoolAutoscaling(SpecModel):
+    """How kleave sizes the pool from the claim rate, so claims find a ready sandbox."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _autoscaling_rules()})
+
+    mode: WarmPoolAutoscalingMode = Field(
+        default="off",
+        description=(
+            "off: replicas are the manifest's (or kubectl scale's, or an HPA's). reactive: "
+            "size for the claim rate of the last interval. forecast: size for the upper bound "
+            "of the claim-rate forecast until a sandbox started now is ready (the DOPD "
+            "planner's forecasters, chosen by backtest, daily seasonality). Both also keep "
+            "enough sandboxes for the largest burst remembered. With reactive or forecast, "
+            "kleave owns spec.replicas (within min and max; max is required): leave replicas "
+            "out of Git, or have Argo CD / Flux ignore it."
+        ),
+    )
+    interval_seconds: int = Field(
+        default=60,
+        ge=5,
+        le=3600,
+        description="Seconds between decisions, and the window of the claim history.",
+    )
+    warm_percent: float = Field(
+        default=99.0,
+        ge=50.0,
+        le=99.99,
+        description=(
+            "Share of claims that should find a ready sandbox (not cold-start) when claims "
+            "arrive at random at the provisioned rate: the pool holds the claims expected "
+            "while a replacement starts, at this quantile (Poisson). Default 99."
+        ),
+    )
+    startup_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=3600,
+        description=(
+            "How long a new pool sandbox takes to become ready. Default: measured (90th "
+            f"percentile of the pool's pods from creation to Ready; {DEFAULT_STARTUP_S} until "
+            "one has been seen)."
+        ),
+    )
+    burst_memory_seconds: int = Field(
+        default=1800,
+        ge=0,
+        le=7 * 86400,
+        description=(
+            "Keep enough sandboxes for the most claims seen within one start-up time over "
+            "this long (a burst of claims arrives faster than replacements start). 0: size "
+            "for the rate alone. Default 1800."
+        ),
+    )
+    forecast_level: float = Field(
+        default=0.8,
+        ge=0.5,
+        le=0.99,
+        description="forecast mode: central prediction-interval level; its upper bound is used.",
+    )
+    history_seconds: int = Field(
+        default=2 * 86400,
+        ge=600,
+        le=7 * 86400,
+        description=(
+            "Claim history kept in status.autoscaling.history (so an operator restart loses "
+            "nothing) and read by the forecasters. At most 10080 x intervalSeconds. Default "
+            "two days (two daily seasons)."
+        ),
+    )
+    scale_down_delay_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=86400,
+        description=(
+            "Scale down only to the highest size recommended over this long (start-up costs "
+            "are paid once; a lull between bursts does not empty the pool). Scale-up is "
+            "immediate. Default 300."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _history_fits(self) -> WarmPoolAutoscaling:
+        """Mirror the CEL rule, for specs parsed outside the API server."""
+        if self.history_seconds > self.interval_seconds * MAX_HISTORY_WINDOWS:
+            raise ValueError(
+                f"spec.autoscaling.historySeconds must be at most {MAX_HISTORY_WINDOWS} x "
+                "intervalSeconds (the windows kept in status)"
+            )
+        return self
 
 
 class SandboxWarmPoolSpec(SpecModel):
@@ -144,6 +272,13 @@ class SandboxWarmPoolSpec(SpecModel):
             "replicas above it, which bounds what idle warm sandboxes cost."
         ),
     )
+    autoscaling: WarmPoolAutoscaling | None = Field(
+        default=None,
+        description=(
+            "Size replicas from the claim rate within min and max (default off: replicas are "
+            "set by hand, kubectl scale or an HPA)."
+        ),
+    )
 
     @model_validator(mode="after")
     def _within_bounds(self) -> SandboxWarmPoolSpec:
@@ -155,7 +290,68 @@ class SandboxWarmPoolSpec(SpecModel):
             raise ValueError(f"spec.replicas ({self.replicas}) must be at least spec.min ({low})")
         if high is not None and self.replicas > high:
             raise ValueError(f"spec.replicas ({self.replicas}) must be at most spec.max ({high})")
+        scaling = self.autoscaling
+        if scaling is not None and scaling.mode != "off" and high is None:
+            raise ValueError(
+                "spec.max is required when spec.autoscaling.mode is reactive or forecast"
+            )
         return self
+
+
+class ClaimHistoryStatus(StatusModel):
+    """Claims per window, oldest first, as comma-separated integers (empty: not observed)."""
+
+    interval_seconds: int = Field(default=60, ge=1, description="The window length.")
+    end: str | None = Field(
+        default=None, description="When the newest window ended (RFC 3339, UTC)."
+    )
+    claims: str = Field(
+        default="",
+        description="AgentSandboxes created naming this pool, per window (warm or cold).",
+    )
+    peaks: str = Field(
+        default="",
+        description="Per window, the most claims created within one start-up time.",
+    )
+
+
+class WarmPoolAutoscalingStatus(StatusModel):
+    """The autoscaler's last decision, so `kubectl get -o yaml` explains spec.replicas."""
+
+    mode: str = Field(default="off", description="The autoscaling mode in effect.")
+    last_decision_time: str | None = Field(default=None, description="When it last decided.")
+    replicas: int = Field(default=0, ge=0, description="The replicas it chose.")
+    recommended: int = Field(
+        default=0, ge=0, description="Its need before the scale-down delay (within min/max)."
+    )
+    reason: str = Field(
+        default="",
+        description=(
+            "Why: Forecast, Reactive, Burst (a remembered burst sets the size), "
+            "ScaleDownDelayed, AtMax, AtMin, NoClaims."
+        ),
+    )
+    message: str = Field(default="", description="The decision in words.")
+    forecaster: str | None = Field(default=None, description="The forecaster chosen.")
+    startup_seconds: float | None = Field(
+        default=None, description="The start-up time sized for (set or measured)."
+    )
+    observed_claims_per_minute: float | None = Field(
+        default=None, description="Claim rate of the last window."
+    )
+    forecast_claims_per_minute: float | None = Field(
+        default=None, description="Mean forecast claim rate (forecast mode)."
+    )
+    provisioned_claims_per_minute: float | None = Field(
+        default=None, description="The claim rate sized for."
+    )
+    burst_claims: int | None = Field(
+        default=None,
+        description="The most claims within one start-up time remembered (burstMemorySeconds).",
+    )
+    history: ClaimHistoryStatus | None = Field(
+        default=None, description="The claim history the decisions read."
+    )
 
 
 class SandboxWarmPoolStatus(StatusModel):
@@ -198,6 +394,9 @@ class SandboxWarmPoolStatus(StatusModel):
         "Current conditions, one per type: Ready (readyReplicas has reached replicas), "
         "Progressing (filling, or replacing sandboxes of an older templateHash), Degraded "
         "(reason TemplateNotFound, TemplateNotAccepted or Unschedulable)."
+    )
+    autoscaling: WarmPoolAutoscalingStatus | None = Field(
+        default=None, description="The autoscaler's last decision (spec.autoscaling)."
     )
 
 

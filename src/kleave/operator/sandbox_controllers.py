@@ -74,12 +74,14 @@ from kleave.operator.sandbox_pause import Intent
 from kleave.operator.sandbox_runtime_api import RuntimeApi, RuntimeCallError
 from kleave.operator.sandbox_tokens import RuntimeTokens, load_key
 from kleave.operator.store import Store, controller_uid
+from kleave.operator.warm_pool_autoscaler import WarmPoolAutoscaler
 
 logger = logging.getLogger("kleave.operator.sandbox")
 
 TEMPLATE_KEY = "SandboxTemplate"
 POOL_KEY = "SandboxWarmPool"
 SANDBOX_KEY = "AgentSandbox"
+AUTOSCALE_KEY = "SandboxWarmPoolAutoscale"
 RUNTIME_CLASS_RECHECK_S = 30.0
 CLAIM_ATTEMPTS = 5
 """Warm pods one reconcile tries before it retries (conflicts) or cold-starts (none left)."""
@@ -251,6 +253,7 @@ class SandboxControllers(CachedController):
         self.sandboxes = Store("AgentSandbox")
         self.pods = SandboxPods()
         self.policies = Store("NetworkPolicy")
+        self.autoscaler = WarmPoolAutoscaler(api, self.pools, self.recorder)
         self._busy: set[str] = set()  # "namespace/pod" a claim is in flight for
         self._claims: dict[Key, int] = defaultdict(int)  # per pool, not yet in its status
         self._first_seen: dict[str, datetime] = {}  # sandbox uid -> first watch event
@@ -299,6 +302,7 @@ class SandboxControllers(CachedController):
                 self._secrets_made.discard(f"{meta.get('namespace')}/{meta.get('name')}")
                 after_pod: Obj | None = None
             else:
+                self.autoscaler.observe_pod(obj)
                 after_pod = self.pods.upsert(obj)
                 if after_pod == before_pod:
                     return
@@ -320,8 +324,10 @@ class SandboxControllers(CachedController):
             uid = str(obj["metadata"].get("uid"))
             if deleted:
                 self._forget_sandbox(obj)
-            elif before is None and not (obj.get("status") or {}).get("podName"):
-                self._first_seen.setdefault(uid, datetime.now(UTC))
+            else:
+                self.autoscaler.record_claim(obj)
+                if before is None and not (obj.get("status") or {}).get("podName"):
+                    self._first_seen.setdefault(uid, datetime.now(UTC))
         if self.queue is not None:
             self._enqueue_for(kind, obj, before, after)
 
@@ -374,6 +380,7 @@ class SandboxControllers(CachedController):
                     self.queue.add((POOL_KEY, namespace, pool["metadata"]["name"]))
             self._enqueue_unbound(namespace, template=name)
         elif kind == "SandboxWarmPool":
+            self.queue.add((AUTOSCALE_KEY, namespace, name))
             self._enqueue_unbound(namespace, pool=name)
 
     def _enqueue_unbound(
@@ -421,6 +428,8 @@ class SandboxControllers(CachedController):
         ):
             for obj in store.all():
                 self.queue.add((key_kind, obj["metadata"]["namespace"], obj["metadata"]["name"]))
+        for obj in self.pools.all():
+            self.queue.add((AUTOSCALE_KEY, obj["metadata"]["namespace"], obj["metadata"]["name"]))
 
     async def reconcile(self, key: Hashable) -> float | None:
         kind, namespace, name = cast("tuple[str, str, str]", key)
@@ -428,6 +437,8 @@ class SandboxControllers(CachedController):
             return await self.reconcile_template(namespace, name)
         if kind == POOL_KEY:
             return await self.reconcile_pool(namespace, name)
+        if kind == AUTOSCALE_KEY:
+            return await self.autoscaler.reconcile(namespace, name)
         return await self.reconcile_sandbox(namespace, name)
 
     # -- helpers ----------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import numpy as np
 import numpy.typing as npt
 
 from kleave.planner.capacity import CapacityProfile
-from kleave.planner.forecast import AutoForecaster
 from kleave.planner.solver import (
     Load,
     PoolDecision,
@@ -41,6 +40,7 @@ from kleave.planner.solver import (
     latency_correction,
     required_replicas,
 )
+from kleave.planner.window_forecast import WindowForecaster, horizon_steps, last_finite
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -103,32 +103,10 @@ class PlanResult:
     corrections: dict[str, float]
 
 
-def _forecaster(settings: PlannerSettings, season: int | None) -> AutoForecaster:
-    history = None
-    if settings.history_s:
-        history = max(2, round(settings.history_s / settings.interval_s))
-    return AutoForecaster(
-        season,
-        level=settings.level,
-        reselect_every=settings.reselect_every,
-        max_history=history,
-    )
-
-
-def _last_finite(values: FloatArray) -> float | None:
-    finite = values[np.isfinite(values)]
-    return float(finite[-1]) if len(finite) else None
-
-
-MIN_HISTORY = 3
-"""Fewer finite points than this and the planner provisions for the last value seen."""
 LENGTH_MEMORY_S = 1800.0
 NEAR_SLO = 0.25
 """A latency at or above this share of its target counts as near the SLO (see
 `Planner._corrected_need`)."""
-UPPER_CAP = 1.5
-"""The provisioned upper bound never exceeds this times the larger of the mean forecast and
-the highest value of the last season (or day of history)."""
 
 
 class Planner:
@@ -136,59 +114,26 @@ class Planner:
 
     def __init__(self, settings: PlannerSettings) -> None:
         self.settings = settings
-        season = None
-        if settings.season_s:
-            m = round(settings.season_s / settings.interval_s)
-            season = m if m >= 2 else None
-        self._forecasters = {"rate": _forecaster(settings, season)}
+        self._rate = WindowForecaster(
+            interval_s=settings.interval_s,
+            level=settings.level,
+            season_s=settings.season_s,
+            history_s=settings.history_s,
+            reselect_every=settings.reselect_every,
+        )
         self.corrections: dict[str, float] = {role: 1.0 for role in settings.profiles}
-        self._cap_window = max(1, round(86_400.0 / settings.interval_s))
-        self._last_model = "last-value"
 
     @property
     def horizon(self) -> int:
         """Forecast steps covering the next interval after a pod asked for now is ready."""
-        s = self.settings
-        return max(1, math.ceil((s.lead_time_s + s.interval_s) / s.interval_s - 1e-9))
-
-    def _covering(self, steps: FloatArray, fallback: float) -> float:
-        """The most load the decision must carry: the largest step until a pod asked for now
-        is ready and the next decision's pods are too (now + lead + interval). The last
-        step counts by the share of it inside that window, so a 60 s lead on a 600 s
-        interval does not provision for the whole interval after next."""
-        values = np.where(np.isfinite(steps), steps, fallback)
-        s = self.settings
-        reach = (s.lead_time_s + s.interval_s) / s.interval_s
-        whole = max(1, math.floor(reach + 1e-9))
-        best = float(np.max(values[: min(whole, len(values))]))
-        share = reach - whole
-        if share > 1e-9 and whole < len(values):
-            best = max(best, float(values[whole - 1] + share * (values[whole] - values[whole - 1])))
-        return best
-
-    def _predict(self, key: str, history: FloatArray) -> tuple[float, float, str]:
-        """(mean, upper) over the provisioning window (see `_covering`)."""
-        last = _last_finite(history)
-        if last is None:
-            return 0.0, 0.0, "none"
-        if int(np.sum(np.isfinite(history))) < MIN_HISTORY:
-            return last, last, "last-value"
-        f = self._forecasters[key].forecast(history, self.horizon)
-        mean = self._covering(np.asarray(f.mean, np.float64), last)
-        upper = self._covering(np.asarray(f.upper, np.float64), mean)
-        # An interval from a few noisy errors can be absurd (a bursty series with zero
-        # windows gave 13x its largest value ever): nothing beyond the recent maximum by
-        # more than `UPPER_CAP` is believed.
-        recent = history[-self._cap_window :]
-        ceiling = UPPER_CAP * max(mean, float(np.nanmax(recent)))
-        return max(mean, 0.0), min(max(upper, mean, 0.0), ceiling), f.model
+        return horizon_steps(self.settings.interval_s, self.settings.lead_time_s)
 
     def _update_corrections(self, obs: Observation) -> None:
         """Observed over expected latency at the last interval's load and replicas, the
         expectation being the same statistic (mean or quantile) the observation is."""
         s = self.settings
-        rate = _last_finite(obs.rate[-1:])
-        isl, osl = _last_finite(obs.isl[-1:]), _last_finite(obs.osl[-1:])
+        rate = last_finite(obs.rate[-1:])
+        isl, osl = last_finite(obs.isl[-1:]), last_finite(obs.osl[-1:])
         if not rate or isl is None or osl is None:
             return
         load = Load(rate, isl, osl)
@@ -218,7 +163,8 @@ class Planner:
     def plan(self, obs: Observation) -> PlanResult:
         s = self.settings
         self._update_corrections(obs)
-        rate_mean, rate_upper, model = self._predict("rate", np.asarray(obs.rate, np.float64))
+        predicted = self._rate.predict(obs.rate, s.lead_time_s)
+        rate_mean, rate_upper, model = predicted.mean, predicted.upper, predicted.model
         isl_mean = self._length(np.asarray(obs.isl, np.float64), np.asarray(obs.rate, np.float64))
         osl_mean = self._length(np.asarray(obs.osl, np.float64), np.asarray(obs.rate, np.float64))
         forecast = Load(rate_mean, isl_mean, osl_mean)
@@ -268,7 +214,7 @@ class Planner:
         n = max(1, round(LENGTH_MEMORY_S / self.settings.interval_s))
         x, w = lengths[-n:], rate[-n:]
         ok = np.isfinite(x) & np.isfinite(w) & (w > 0)
-        last = _last_finite(lengths)
+        last = last_finite(lengths)
         if last is None:
             return 1.0
         if not np.any(ok):
