@@ -229,6 +229,7 @@ def test_printer_columns() -> None:
         ("READY", ".status.readyReplicas", 0),
         ("CLAIMED", ".status.claimed", 1),
         ("HASH", ".status.templateHash", 1),
+        ("AUTOSCALE", ".status.autoscaling.reason", 1),
         ("AGE", ".metadata.creationTimestamp", 0),
     ]
     assert columns("AgentSandbox") == [
@@ -669,7 +670,7 @@ def test_pool_and_template_status() -> None:
     }  # fmt: skip
     assert set(root_of("SandboxWarmPool")["properties"]["status"]["properties"]) == {
         "observedGeneration", "replicas", "readyReplicas", "claimed", "selector",
-        "templateHash", "conditions",
+        "templateHash", "conditions", "autoscaling",
     }  # fmt: skip
 
 

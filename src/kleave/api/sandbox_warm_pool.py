@@ -29,6 +29,8 @@ from kleave.api.sandbox_template import ObjectRef, name_length_rule
 MAX_REPLICAS = 10000
 #: The claim history kept in status has at most this many windows (a week of minutes).
 MAX_HISTORY_WINDOWS = 10080
+#: Two daily seasons of claim history, unless that is more windows than status holds.
+DEFAULT_HISTORY_S = 2 * 86400
 DEFAULT_STARTUP_S = 30
 
 WarmPoolAutoscalingMode = Literal["off", "reactive", "forecast"]
@@ -66,7 +68,7 @@ def _autoscaling_rules() -> list[Any]:
     return [
         {
             "rule": (
-                "(has(self.historySeconds) ? self.historySeconds : 172800) <= "
+                "!has(self.historySeconds) || self.historySeconds <= "
                 f"(has(self.intervalSeconds) ? self.intervalSeconds : 60) * {MAX_HISTORY_WINDOWS}"
             ),
             "message": (
@@ -199,14 +201,14 @@ class WarmPoolAutoscaling(SpecModel):
         le=0.99,
         description="forecast mode: central prediction-interval level; its upper bound is used.",
     )
-    history_seconds: int = Field(
-        default=2 * 86400,
+    history_seconds: int | None = Field(
+        default=None,
         ge=600,
         le=7 * 86400,
         description=(
             "Claim history kept in status.autoscaling.history (so an operator restart loses "
             "nothing) and read by the forecasters. At most 10080 x intervalSeconds. Default "
-            "two days (two daily seasons)."
+            "two days (two daily seasons), or 10080 windows when intervalSeconds is under 18."
         ),
     )
     scale_down_delay_seconds: int = Field(
@@ -220,10 +222,20 @@ class WarmPoolAutoscaling(SpecModel):
         ),
     )
 
+    @property
+    def history_s(self) -> int:
+        """The history kept: the spec's, or two days capped to the windows status holds."""
+        if self.history_seconds is not None:
+            return self.history_seconds
+        return min(DEFAULT_HISTORY_S, self.interval_seconds * MAX_HISTORY_WINDOWS)
+
     @model_validator(mode="after")
     def _history_fits(self) -> WarmPoolAutoscaling:
         """Mirror the CEL rule, for specs parsed outside the API server."""
-        if self.history_seconds > self.interval_seconds * MAX_HISTORY_WINDOWS:
+        if (
+            self.history_seconds is not None
+            and self.history_seconds > self.interval_seconds * MAX_HISTORY_WINDOWS
+        ):
             raise ValueError(
                 f"spec.autoscaling.historySeconds must be at most {MAX_HISTORY_WINDOWS} x "
                 "intervalSeconds (the windows kept in status)"

@@ -88,7 +88,7 @@ def _forecaster(spec: WarmPoolAutoscaling) -> WindowForecaster:
     return WindowForecaster(
         interval_s=spec.interval_seconds,
         level=spec.forecast_level,
-        history_s=spec.history_seconds,
+        history_s=spec.history_s,
     )
 
 
@@ -203,7 +203,7 @@ class WarmPoolAutoscaler:
             now_s=now,
             watching_since_s=self.watching_since_s,
             span_s=startup,
-            max_windows=min(MAX_HISTORY_WINDOWS, math.ceil(scaling.history_seconds / step)),
+            max_windows=min(MAX_HISTORY_WINDOWS, math.ceil(scaling.history_s / step)),
         )
         end = state.history.end_s if state.history.end_s is not None else boundary
         self._claims[key] = {uid: t for uid, t in pending.items() if t >= end}

@@ -261,7 +261,7 @@ def size_pool(
     recommended = min(max(need, bounds.low), bounds.high)
     if need > bounds.high:
         reason = "AtMax"
-    elif need < bounds.low:
+    elif need < bounds.low and reason != "NoClaims":
         reason = "AtMin"
     replicas = recommended
     if recommended < bounds.current:
@@ -279,7 +279,7 @@ def size_pool(
         )
     if reason == "AtMax":
         words.append(f"capped at max {bounds.high}")
-    elif reason == "AtMin":
+    elif need < bounds.low:
         words.append(f"raised to min {bounds.low}")
     elif reason == "ScaleDownDelayed":
         words.append(

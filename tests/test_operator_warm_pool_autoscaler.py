@@ -1,0 +1,227 @@
+"""The warm-pool autoscaler inside the sandbox controllers, against the in-memory API server.
+
+A fake clock drives the windows; claims are AgentSandboxes with the creationTimestamps an API
+server would give them, fed through the controllers' watch path as real events would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+from typing import Any
+
+from kleave.operator.kube import AGENT_SANDBOX, POD, SANDBOX_WARM_POOL
+from kleave.operator.naming import LABEL_WARM_POOL
+from kleave.operator.sandbox_controllers import AUTOSCALE_KEY
+from kleave.operator.warm_pool_autoscaler import WarmPoolAutoscaler
+from kleave.operator.warm_pool_sizing import decode_counts, format_epoch, warm_for_rate
+from test_operator_sandbox_controllers import NS, Harness, pool, sandbox
+
+Obj = dict[str, Any]
+T0 = 100_000.5  # inside the window [100000, 100010)
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _scaled_pool(**autoscaling: Any) -> Obj:
+    obj = pool(replicas=1)
+    obj["spec"].update(
+        {
+            "min": 1,
+            "max": 50,
+            "autoscaling": {
+                "mode": "reactive",
+                "intervalSeconds": 10,
+                "startupSeconds": 5,
+                "burstMemorySeconds": 0,
+                **autoscaling,
+            },
+        }
+    )
+    return obj
+
+
+def _harness(clock: Clock) -> Harness:
+    h = Harness()
+    h.ctl.autoscaler = WarmPoolAutoscaler(h.kube, h.ctl.pools, h.ctl.recorder, clock=clock)  # type: ignore[arg-type]
+    return h
+
+
+def _claims(h: Harness, count: int, at: float, prefix: str = "agent") -> None:
+    for i in range(count):
+        obj = sandbox(f"{prefix}-{i}")
+        obj["metadata"]["creationTimestamp"] = format_epoch(at)
+        h.add(AGENT_SANDBOX, obj)
+
+
+def _scaling_status(h: Harness) -> Obj:
+    return dict(h.get(SANDBOX_WARM_POOL, "pool")["status"]["autoscaling"])
+
+
+async def _decide(h: Harness) -> float | None:
+    return await h.ctl.reconcile((AUTOSCALE_KEY, NS, "pool"))
+
+
+def test_reactive_scales_up_at_once_and_down_after_the_delay() -> None:
+    async def body() -> None:
+        clock = Clock(T0)
+        h = _harness(clock)
+        h.add(SANDBOX_WARM_POOL, _scaled_pool())
+        delay = await _decide(h)
+        # No claim window has ended yet: the first full window is [100010, 100020).
+        assert delay is not None and math.isclose(delay, 100_020 - T0, abs_tol=0.1)
+        assert _scaling_status(h)["reason"] == "NoClaims"
+        assert h.get(SANDBOX_WARM_POOL, "pool")["spec"]["replicas"] == 1
+
+        _claims(h, 20, 100_012)  # 2 claims/s over the window, 5 s start-up
+        for obj in list(h.ctl.sandboxes.all()):  # later events of the same claims
+            h.ctl.observe("MODIFIED", copy.deepcopy(obj))
+        clock.now = 100_020.2
+        delay = await _decide(h)
+        want = warm_for_rate(2.0, 5.0, 0.99)
+        assert h.get(SANDBOX_WARM_POOL, "pool")["spec"]["replicas"] == want == 19
+        status = _scaling_status(h)
+        assert (status["reason"], status["replicas"], status["observedClaimsPerMinute"]) == (
+            "Reactive", 19, 120.0,
+        )  # fmt: skip
+        assert status["history"]["claims"] == "20"
+        assert ("patch", "SandboxWarmPool", "pool") in h.kube.calls
+        scaled = [e for e in h.kube.events if e["reason"] == "WarmPoolScaled"]
+        assert len(scaled) == 1 and "from 1 to 19 (Reactive)" in scaled[0]["message"]
+
+        clock.now = 100_030.2  # a quiet window: the delay holds the size
+        await _decide(h)
+        assert _scaling_status(h)["reason"] == "ScaleDownDelayed"
+        assert h.get(SANDBOX_WARM_POOL, "pool")["spec"]["replicas"] == 19
+
+        clock.now = 100_400.2  # past scaleDownDelaySeconds (300)
+        await _decide(h)
+        status = _scaling_status(h)
+        assert (status["reason"], status["replicas"]) == ("AtMin", 1)
+        assert h.get(SANDBOX_WARM_POOL, "pool")["spec"]["replicas"] == 1
+        claims = decode_counts(status["history"]["claims"])
+        assert claims[0] == 20 and sum(claims) == 20 and len(claims) == 39
+
+    asyncio.run(asyncio.wait_for(body(), timeout=20))
+
+
+def test_a_burst_is_remembered() -> None:
+    async def body() -> None:
+        clock = Clock(T0)
+        h = _harness(clock)
+        h.add(SANDBOX_WARM_POOL, _scaled_pool(burstMemorySeconds=600))
+        await _decide(h)
+        _claims(h, 30, 100_011)  # 30 claims in one second
+        clock.now = 100_020.2
+        await _decide(h)
+        status = _scaling_status(h)
+        assert (status["reason"], status["burstClaims"], status["replicas"]) == ("Burst", 30, 30)
+        clock.now = 100_200.2  # quiet since, but within burstMemorySeconds
+        await _decide(h)
+        assert _scaling_status(h)["replicas"] == 30
+
+    asyncio.run(asyncio.wait_for(body(), timeout=20))
+
+
+def test_a_restarted_operator_keeps_the_history_and_marks_the_gap() -> None:
+    async def body() -> None:
+        clock = Clock(T0)
+        h = _harness(clock)
+        h.add(SANDBOX_WARM_POOL, _scaled_pool())
+        await _decide(h)
+        _claims(h, 4, 100_015)
+        clock.now = 100_020.2
+        await _decide(h)
+        # A new operator process starts 35 s later, with the pool's status as it was.
+        clock.now = 100_055.0
+        h.ctl.autoscaler = WarmPoolAutoscaler(h.kube, h.ctl.pools, h.ctl.recorder, clock=clock)  # type: ignore[arg-type]
+        _claims(h, 3, 100_062, prefix="late")
+        clock.now = 100_070.2
+        await _decide(h)
+        history = _scaling_status(h)["history"]
+        assert history["end"] == format_epoch(100_070)
+        claims = decode_counts(history["claims"])
+        # [100010, 100020): 4; then 20..60 unwatched (missing); [100060, 100070): 3
+        assert claims[0] == 4 and claims[-1] == 3
+        assert all(math.isnan(c) for c in claims[1:-1]) and len(claims) == 6
+        # The size seen before the restart is held through the scale-down delay.
+        assert _scaling_status(h)["replicas"] >= h.get(SANDBOX_WARM_POOL, "pool")["spec"]["min"]
+
+    asyncio.run(asyncio.wait_for(body(), timeout=20))
+
+
+def test_forecast_mode_and_measured_start_up() -> None:
+    async def body() -> None:
+        clock = Clock(T0)
+        h = _harness(clock)
+        obj = _scaled_pool(mode="forecast")
+        del obj["spec"]["autoscaling"]["startupSeconds"]
+        end = 100_000.0
+        obj["status"] = {
+            "autoscaling": {
+                "history": {
+                    "intervalSeconds": 10,
+                    "end": format_epoch(end),
+                    "claims": ",".join(["6"] * 60),
+                    "peaks": ",".join(["1"] * 60),
+                }
+            }
+        }
+        h.add(SANDBOX_WARM_POOL, obj)
+        pod = {
+            "metadata": {
+                "name": "pool-abcde",
+                "namespace": NS,
+                "uid": "pod-1",
+                "creationTimestamp": format_epoch(end - 100),
+                "labels": {LABEL_WARM_POOL: "pool", "kleave.dev/sandbox-template": "coder"},
+            },
+            "spec": {},
+            "status": {
+                "phase": "Running",
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "lastTransitionTime": format_epoch(end - 96),
+                    }
+                ],
+            },
+        }
+        h.ctl.observe("ADDED", h.kube.put(POD, pod))
+        await _decide(h)
+        status = _scaling_status(h)
+        assert status["startupSeconds"] == 4.0
+        assert status["reason"] == "Forecast" and status["forecaster"]
+        assert math.isclose(status["forecastClaimsPerMinute"], 36.0, rel_tol=0.05)
+        assert status["provisionedClaimsPerMinute"] >= status["forecastClaimsPerMinute"]
+        assert h.get(SANDBOX_WARM_POOL, "pool")["spec"]["replicas"] == status["replicas"] >= 4
+
+    asyncio.run(asyncio.wait_for(body(), timeout=60))
+
+
+def test_turning_autoscaling_off_clears_its_status_and_leaves_replicas() -> None:
+    async def body() -> None:
+        clock = Clock(T0)
+        h = _harness(clock)
+        h.add(SANDBOX_WARM_POOL, _scaled_pool())
+        await _decide(h)
+        assert "autoscaling" in h.get(SANDBOX_WARM_POOL, "pool")["status"]
+        current = copy.deepcopy(h.get(SANDBOX_WARM_POOL, "pool"))
+        current["spec"]["autoscaling"]["mode"] = "off"
+        current["spec"]["replicas"] = 7
+        h.kube._stamp(current)
+        h.kube.objects[(SANDBOX_WARM_POOL.plural, NS, "pool")] = current
+        h.ctl.observe("MODIFIED", copy.deepcopy(current))
+        assert await _decide(h) is None
+        stored = h.get(SANDBOX_WARM_POOL, "pool")
+        assert "autoscaling" not in stored["status"] and stored["spec"]["replicas"] == 7
+
+    asyncio.run(asyncio.wait_for(body(), timeout=20))
