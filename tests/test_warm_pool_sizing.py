@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -114,7 +115,7 @@ def test_history_round_trips_through_status_and_rejects_what_it_cannot_read() ->
 
 
 def test_startup_time_set_measured_or_default() -> None:
-    assert startup_s(WarmPoolAutoscaling(startupSeconds=7), [100.0]) == 7
+    assert startup_s(WarmPoolAutoscaling.model_validate({"startupSeconds": 7}), [100.0]) == 7
     assert startup_s(WarmPoolAutoscaling(), []) == 30
     measured = [float(s) for s in range(1, 11)]  # 1..10 s: the 90th percentile is 9 s
     assert startup_s(WarmPoolAutoscaling(), measured) == 9
@@ -122,7 +123,7 @@ def test_startup_time_set_measured_or_default() -> None:
 
 
 def test_ready_after_reads_creation_to_ready() -> None:
-    pod = {
+    pod: dict[str, Any] = {
         "metadata": {"creationTimestamp": "2026-12-02T10:00:00Z"},
         "status": {
             "conditions": [
@@ -202,7 +203,7 @@ def test_bounds_and_the_scale_down_delay() -> None:
 
 
 def test_forecast_mode_sizes_for_the_upper_bound() -> None:
-    spec = WarmPoolAutoscaling(mode="forecast", burstMemorySeconds=0)
+    spec = WarmPoolAutoscaling.model_validate({"mode": "forecast", "burstMemorySeconds": 0})
     sizing = size_pool(
         spec,
         _history([6, 6, 6]),
