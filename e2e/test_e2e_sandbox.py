@@ -13,6 +13,7 @@ server refuses pods whose runtime class does not exist.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from kubernetes import client, config
 
 from conftest import Cluster, wait_for
 from kleave.api.registry import render_crds
+from kleave.operator.warm_pool_sizing import decode_counts, warm_for_rate
 from kleave.sandbox.bench_stats import summarize
 from test_e2e_operator import Operator
 
@@ -37,7 +39,8 @@ RUNTIME_CLASS = "kleave-microvm"
 NAMESPACE = "sandboxes"
 RACE_NAMESPACE = "sandbox-race"
 TWO_NAMESPACE = "sandbox-two-operators"
-NAMESPACES = (NAMESPACE, RACE_NAMESPACE, TWO_NAMESPACE)
+SCALE_NAMESPACE = "sandbox-autoscale"
+NAMESPACES = (NAMESPACE, RACE_NAMESPACE, TWO_NAMESPACE, SCALE_NAMESPACE)
 
 
 def template_manifest(name: str, namespace: str, *, persistence: bool = True) -> str:
@@ -476,3 +479,95 @@ def test_two_operators_racing_for_the_same_pods_never_share_one(
         f"\ntwo operators: {dict(sources)}; claims retried after 409s: {conflicts}; "
         f"sandboxes bound twice and cleaned up: {duplicates}"
     )
+
+
+AUTOSCALED_POOL = f"""
+apiVersion: kleave.dev/v1alpha1
+kind: SandboxWarmPool
+metadata: {{name: scaled, namespace: {SCALE_NAMESPACE}}}
+spec:
+  templateRef: {{name: scaled}}
+  replicas: 1
+  min: 1
+  max: 40
+  autoscaling:
+    mode: reactive
+    intervalSeconds: 5
+    startupSeconds: 2
+    burstMemorySeconds: 0
+    scaleDownDelaySeconds: 0
+"""
+
+
+def test_warm_pool_autoscaling_follows_the_claim_rate(
+    sandbox_cluster: Cluster, operator: Operator
+) -> None:
+    """Claims raise the pool through /scale within one window; a quiet window lowers it."""
+    cluster = sandbox_cluster
+    ns = SCALE_NAMESPACE
+    unbounded = AUTOSCALED_POOL.replace("  max: 40\n", "")
+    refused = cluster.kubectl("apply", "-f", "-", stdin=unbounded, check=False)
+    assert refused.returncode != 0 and "spec.max: Invalid value" in refused.stderr, refused.stderr
+    assert "spec.max is required when spec.autoscaling.mode is reactive" in refused.stderr
+
+    cluster.apply(template_manifest("scaled", ns, persistence=False))
+    cluster.apply(AUTOSCALED_POOL)
+    wait_for(lambda: _pool_ready(cluster, ns, "scaled", 1), 60, "one warm sandbox")
+    wait_for(lambda: _autoscaling(cluster).get("reason") == "NoClaims", 30, "a first decision")
+
+    api = _kube_client(cluster.kubeconfig)
+    names = [f"scaled-{n:02d}" for n in range(30)]
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        list(
+            pool.map(
+                lambda name: api.create_namespaced_custom_object(
+                    "kleave.dev", "v1alpha1", ns, "agentsandboxes", sandbox_body(name, ns, "scaled")
+                ),
+                names,
+            )
+        )
+
+    def scaled_up() -> dict[str, Any] | None:
+        status = _autoscaling(cluster)
+        return status if (status.get("replicas") or 0) > 1 else None
+
+    status = wait_for(scaled_up, 30, "the autoscaler scaling the pool up")
+    claims_per_s = status["observedClaimsPerMinute"] / 60.0
+    want = warm_for_rate(claims_per_s, 2.0, 0.99)  # the Poisson size for what it saw
+    assert status["reason"] == "Reactive" and status["replicas"] == want, status
+    assert sum(decode_counts(status["history"]["claims"])) <= len(names)
+    pool_obj = cluster.get_json("sbxwp", "scaled", "-n", ns)
+    assert pool_obj["spec"]["replicas"] >= want  # a later window may have raised it again
+    wait_for(
+        lambda: _pool_ready(
+            cluster, ns, "scaled", cluster.get_json("sbxwp", "scaled", "-n", ns)["spec"]["replicas"]
+        ),
+        90,
+        "the pool filled to the new size",
+    )
+    events = _items(cluster, "events", ns, "--field-selector=involvedObject.name=scaled")
+    scaled = [e["message"] for e in events if e["reason"] == "WarmPoolScaled"]
+    assert any(m.startswith("scaled up from 1 to ") for m in scaled), scaled
+    wide = cluster.kubectl("get", "sbxwp", "scaled", "-n", ns, "-o", "wide").stdout.split("\n")
+    assert "AUTOSCALE" in wide[0].split()
+
+    # Quiet windows since: with no scale-down delay the pool returns to min.
+    wait_for(lambda: _autoscaling(cluster).get("reason") == "AtMin", 60, "scaled down to min")
+    wait_for(
+        lambda: cluster.get_json("sbxwp", "scaled", "-n", ns)["spec"]["replicas"] == 1,
+        10,
+        "spec.replicas back to 1",
+    )
+    wait_for(lambda: _pool_ready(cluster, ns, "scaled", 1), 60, "one warm sandbox again")
+    final = _autoscaling(cluster)
+    counted = sum(c for c in decode_counts(final["history"]["claims"]) if math.isfinite(c))
+    assert counted == len(names), final["history"]  # each claim counted once
+    print(
+        f"\nautoscaled warm pool: up to {status['replicas']} for "
+        f"{status['observedClaimsPerMinute']}/min, then {final['message']}"
+    )
+
+
+def _autoscaling(cluster: Cluster) -> dict[str, Any]:
+    pool = cluster.get_json("sbxwp", "scaled", "-n", SCALE_NAMESPACE)
+    return dict((pool.get("status") or {}).get("autoscaling") or {})

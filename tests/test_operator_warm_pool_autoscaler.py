@@ -75,15 +75,16 @@ def test_reactive_scales_up_at_once_and_down_after_the_delay() -> None:
         h = _harness(clock)
         h.add(SANDBOX_WARM_POOL, _scaled_pool())
         delay = await _decide(h)
-        # No claim window has ended yet: the first full window is [100010, 100020).
-        assert delay is not None and math.isclose(delay, 100_020 - T0, abs_tol=0.1)
+        # No claim window has ended yet: the first full window is [100010, 100020), closed 2 s
+        # after its end (the watch events' settle time).
+        assert delay is not None and math.isclose(delay, 100_022 - T0, abs_tol=0.01)
         assert _scaling_status(h)["reason"] == "NoClaims"
         assert h.get(SANDBOX_WARM_POOL, "pool")["spec"]["replicas"] == 1
 
         _claims(h, 20, 100_012)  # 2 claims/s over the window, 5 s start-up
         for obj in list(h.ctl.sandboxes.all()):  # later events of the same claims
             h.ctl.observe("MODIFIED", copy.deepcopy(obj))
-        clock.now = 100_020.2
+        clock.now = 100_022.2
         delay = await _decide(h)
         want = warm_for_rate(2.0, 5.0, 0.99)
         assert h.get(SANDBOX_WARM_POOL, "pool")["spec"]["replicas"] == want == 19
@@ -96,12 +97,12 @@ def test_reactive_scales_up_at_once_and_down_after_the_delay() -> None:
         scaled = [e for e in h.kube.events if e["reason"] == "WarmPoolScaled"]
         assert len(scaled) == 1 and "from 1 to 19 (Reactive)" in scaled[0]["message"]
 
-        clock.now = 100_030.2  # a quiet window: the delay holds the size
+        clock.now = 100_032.2  # a quiet window: the delay holds the size
         await _decide(h)
         assert _scaling_status(h)["reason"] == "ScaleDownDelayed"
         assert h.get(SANDBOX_WARM_POOL, "pool")["spec"]["replicas"] == 19
 
-        clock.now = 100_400.2  # past scaleDownDelaySeconds (300)
+        clock.now = 100_402.2  # past scaleDownDelaySeconds (300)
         await _decide(h)
         status = _scaling_status(h)
         assert (status["reason"], status["replicas"]) == ("AtMin", 1)
@@ -119,11 +120,11 @@ def test_a_burst_is_remembered() -> None:
         h.add(SANDBOX_WARM_POOL, _scaled_pool(burstMemorySeconds=600))
         await _decide(h)
         _claims(h, 30, 100_011)  # 30 claims in one second
-        clock.now = 100_020.2
+        clock.now = 100_022.2
         await _decide(h)
         status = _scaling_status(h)
         assert (status["reason"], status["burstClaims"], status["replicas"]) == ("Burst", 30, 30)
-        clock.now = 100_200.2  # quiet since, but within burstMemorySeconds
+        clock.now = 100_202.2  # quiet since, but within burstMemorySeconds
         await _decide(h)
         assert _scaling_status(h)["replicas"] == 30
 
@@ -137,13 +138,13 @@ def test_a_restarted_operator_keeps_the_history_and_marks_the_gap() -> None:
         h.add(SANDBOX_WARM_POOL, _scaled_pool())
         await _decide(h)
         _claims(h, 4, 100_015)
-        clock.now = 100_020.2
+        clock.now = 100_022.2
         await _decide(h)
         # A new operator process starts 35 s later, with the pool's status as it was.
         clock.now = 100_055.0
         h.ctl.autoscaler = WarmPoolAutoscaler(h.kube, h.ctl.pools, h.ctl.recorder, clock=clock)  # type: ignore[arg-type]
         _claims(h, 3, 100_062, prefix="late")
-        clock.now = 100_070.2
+        clock.now = 100_072.2
         await _decide(h)
         history = _scaling_status(h)["history"]
         assert history["end"] == format_epoch(100_070)
@@ -159,7 +160,7 @@ def test_a_restarted_operator_keeps_the_history_and_marks_the_gap() -> None:
 
 def test_forecast_mode_and_measured_start_up() -> None:
     async def body() -> None:
-        clock = Clock(T0)
+        clock = Clock(100_002.5)  # the status history's last window has settled
         h = _harness(clock)
         obj = _scaled_pool(mode="forecast")
         del obj["spec"]["autoscaling"]["startupSeconds"]
@@ -223,5 +224,21 @@ def test_turning_autoscaling_off_clears_its_status_and_leaves_replicas() -> None
         assert await _decide(h) is None
         stored = h.get(SANDBOX_WARM_POOL, "pool")
         assert "autoscaling" not in stored["status"] and stored["spec"]["replicas"] == 7
+
+    asyncio.run(asyncio.wait_for(body(), timeout=20))
+
+
+def test_a_claim_seen_just_after_its_window_ended_is_still_counted() -> None:
+    async def body() -> None:
+        clock = Clock(T0)
+        h = _harness(clock)
+        h.add(SANDBOX_WARM_POOL, _scaled_pool())
+        await _decide(h)
+        clock.now = 100_020.5  # the window [100010, 100020) ended, but has not settled
+        assert await _decide(h) == 1.5
+        _claims(h, 2, 100_019)  # watch events that arrive late
+        clock.now = 100_022.0
+        await _decide(h)
+        assert _scaling_status(h)["history"]["claims"] == "2"
 
     asyncio.run(asyncio.wait_for(body(), timeout=20))

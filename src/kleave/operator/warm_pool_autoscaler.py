@@ -54,8 +54,15 @@ logger = logging.getLogger("kleave.operator.sandbox.autoscaler")
 
 STARTUPS_KEPT = 64
 """Start-up times remembered per pool (the newest), for the measured quantile."""
-DUE_SLACK_S = 0.05
-"""Wake this long after a window ends, so it has ended on this clock too."""
+WATCH_SETTLE_S = 2.0
+"""A window is closed this long after it ends (at most a fifth of the interval): an
+AgentSandbox's watch event arrives after its creationTimestamp, and a claim that reaches a closed
+window is not counted."""
+
+
+def settle_s(interval_s: float) -> float:
+    return min(WATCH_SETTLE_S, 0.2 * interval_s)
+
 
 WARM_POOL_REPLICAS = Gauge(
     "kleave_warm_pool_autoscaler_replicas",
@@ -190,17 +197,19 @@ class WarmPoolAutoscaler:
                 await self._write_status(pool, None)
             return None
         state = self._state(key, pool, scaling)
-        now = self._clock()
         step = scaling.interval_seconds
-        boundary = math.floor(now / step) * step
+        settle = settle_s(step)
+        now = self._clock()
+        closing = now - settle  # windows that ended before this have all their events
+        boundary = math.floor(closing / step) * step
         if state.decided and state.history.end_s is not None and boundary <= state.history.end_s:
-            return state.history.end_s + step - now + DUE_SLACK_S
+            return state.history.end_s + step + settle - now
         startup = startup_s(scaling, list(self._startups.get(key, ())))
         pending = self._claims.get(key, {})
         state.history = close_windows(
             state.history,
             pending.values(),
-            now_s=now,
+            now_s=closing,
             watching_since_s=self.watching_since_s,
             span_s=startup,
             max_windows=min(MAX_HISTORY_WINDOWS, math.ceil(scaling.history_s / step)),
@@ -233,7 +242,7 @@ class WarmPoolAutoscaler:
             await self._scale(pool, sizing, current)
         await self._write_status(pool, self._status(scaling, state, sizing, now))
         self._export(namespace, name, sizing)
-        return end + step - now + DUE_SLACK_S
+        return end + step + settle - now
 
     def _state(self, key: Key, pool: Mapping[str, Any], scaling: WarmPoolAutoscaling) -> _PoolState:
         state = self._states.get(key)
