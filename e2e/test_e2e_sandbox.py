@@ -487,7 +487,6 @@ kind: SandboxWarmPool
 metadata: {{name: scaled, namespace: {SCALE_NAMESPACE}}}
 spec:
   templateRef: {{name: scaled}}
-  replicas: 1
   min: 1
   max: 40
   autoscaling:
@@ -502,7 +501,11 @@ spec:
 def test_warm_pool_autoscaling_follows_the_claim_rate(
     sandbox_cluster: Cluster, operator: Operator
 ) -> None:
-    """Claims raise the pool through /scale within one window; a quiet window lowers it."""
+    """Claims raise the pool through /scale within one window; a quiet window lowers it.
+
+    The manifest leaves replicas out (as in Git, when kleave owns them): the first decision
+    raises the pool to min.
+    """
     cluster = sandbox_cluster
     ns = SCALE_NAMESPACE
     unbounded = AUTOSCALED_POOL.replace("  max: 40\n", "")
@@ -548,6 +551,8 @@ def test_warm_pool_autoscaling_follows_the_claim_rate(
     events = _items(cluster, "events", ns, "--field-selector=involvedObject.name=scaled")
     scaled = [e["message"] for e in events if e["reason"] == "WarmPoolScaled"]
     assert any(m.startswith("scaled up from 1 to ") for m in scaled), scaled
+    over = cluster.kubectl("scale", "sbxwp/scaled", "-n", ns, "--replicas=41", check=False)
+    assert over.returncode != 0 and "spec.replicas must be at most spec.max" in over.stderr
     wide = cluster.kubectl("get", "sbxwp", "scaled", "-n", ns, "-o", "wide").stdout.split("\n")
     assert "AUTOSCALE" in wide[0].split()
 

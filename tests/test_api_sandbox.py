@@ -313,9 +313,11 @@ def test_warm_pool_cel_rules() -> None:
         "message": "spec.min must not exceed spec.max",
         "fieldPath": ".min",
     }
-    assert spec_rules["!has(self.min) || self.replicas >= self.min"]["message"] == (
-        "spec.replicas must be at least spec.min"
+    [at_least] = [r for r in spec_rules.values() if "self.replicas >= self.min" in r["rule"]]
+    assert at_least["message"] == (
+        "spec.replicas must be at least spec.min (or left out, when spec.autoscaling sets it)"
     )
+    assert "self.autoscaling.mode != 'off'" in at_least["rule"]
     assert spec_rules["!has(self.max) || self.replicas <= self.max"]["message"] == (
         "spec.replicas must be at most spec.max"
     )
@@ -502,6 +504,19 @@ def test_paused_with_the_templates_persistence_is_fine() -> None:
     [
         ({"replicas": 5, "min": 6, "max": 4}, r"spec\.min \(6\) must not exceed spec\.max"),
         ({"replicas": 1, "min": 2}, r"at least spec\.min"),
+        ({"min": 2}, r"at least spec\.min"),
+        (
+            {"replicas": 1, "min": 2, "max": 4, "autoscaling": {"mode": "reactive"}},
+            r"at least spec\.min",
+        ),
+        (
+            {"min": 1, "autoscaling": {"mode": "forecast"}},
+            r"spec\.max is required when spec\.autoscaling\.mode",
+        ),
+        (
+            {"max": 4, "autoscaling": {"intervalSeconds": 5, "historySeconds": 86400}},
+            r"historySeconds must be at most 10080 x intervalSeconds",
+        ),
         ({"replicas": 9, "max": 8}, r"at most spec\.max"),
         ({"replicas": -1}, "greater than or equal"),
     ],
@@ -509,6 +524,17 @@ def test_paused_with_the_templates_persistence_is_fine() -> None:
 def test_warm_pool_spec_refusals(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         SandboxWarmPoolSpec.model_validate({"templateRef": {"name": "t"}, **data})
+
+
+def test_an_autoscaled_pool_may_leave_replicas_to_the_autoscaler() -> None:
+    spec = SandboxWarmPoolSpec.model_validate(
+        {"templateRef": {"name": "t"}, "min": 2, "max": 9, "autoscaling": {"mode": "reactive"}}
+    )
+    assert (spec.replicas, spec.min_replicas) == (0, 2)
+    assert spec.autoscaling is not None
+    assert spec.autoscaling.history_s == 2 * 86400
+    short = spec.autoscaling.model_validate({"intervalSeconds": 5})
+    assert short.history_s == 5 * 10080  # the default, capped to the windows status keeps
 
 
 def test_warm_pool_bounds_accept_replicas_within_them() -> None:

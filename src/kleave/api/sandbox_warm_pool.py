@@ -44,8 +44,15 @@ def _spec_rules() -> list[Any]:
             "fieldPath": ".min",
         },
         {
-            "rule": "!has(self.min) || self.replicas >= self.min",
-            "message": "spec.replicas must be at least spec.min",
+            "rule": (
+                "!has(self.min) || self.replicas >= self.min || (self.replicas == 0 "
+                "&& has(self.autoscaling) && has(self.autoscaling.mode) "
+                "&& self.autoscaling.mode != 'off')"
+            ),
+            "message": (
+                "spec.replicas must be at least spec.min (or left out, when "
+                "spec.autoscaling sets it)"
+            ),
             "fieldPath": ".replicas",
         },
         {
@@ -298,12 +305,16 @@ class SandboxWarmPoolSpec(SpecModel):
         low, high = self.min_replicas, self.max_replicas
         if low is not None and high is not None and low > high:
             raise ValueError(f"spec.min ({low}) must not exceed spec.max ({high})")
-        if low is not None and self.replicas < low:
-            raise ValueError(f"spec.replicas ({self.replicas}) must be at least spec.min ({low})")
+        scaling = self.autoscaling
+        autoscaled = scaling is not None and scaling.mode != "off"
+        if low is not None and self.replicas < low and not (autoscaled and self.replicas == 0):
+            raise ValueError(
+                f"spec.replicas ({self.replicas}) must be at least spec.min ({low}) "
+                "(or left out, when spec.autoscaling sets it)"
+            )
         if high is not None and self.replicas > high:
             raise ValueError(f"spec.replicas ({self.replicas}) must be at most spec.max ({high})")
-        scaling = self.autoscaling
-        if scaling is not None and scaling.mode != "off" and high is None:
+        if autoscaled and high is None:
             raise ValueError(
                 "spec.max is required when spec.autoscaling.mode is reactive or forecast"
             )
