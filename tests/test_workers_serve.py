@@ -55,6 +55,7 @@ from kleave.workers.serve.routing import (
 from kleave.workers.serve.runtime import WorkerOptions
 from kleave.workers.serve.sampling import SamplingParams, sample
 from kleave.workers.tokenizer import BOS, EOS, ByteTokenizer
+from kleave.workers.transport.kv_transfer import KVReceiver
 
 HANG_GUARD = 120.0  # seconds; reached only when something is broken
 CONFIG = MODEL_PRESETS["tiny"]
@@ -612,6 +613,35 @@ def test_a_dead_decode_peer_fails_the_prefill_naming_it() -> None:
                 p.session, f"{prefill}/v1/prefill", body | {"decode": "nowhere"}
             )
             assert status == 400 and answer["error"]["param"] == "decode"
+
+    run(scenario())
+
+
+def test_a_decode_worker_restarted_on_the_same_port_gets_the_next_request() -> None:
+    """The prefill's pooled connection to the old process is dead; it dials the new one."""
+
+    async def scenario() -> None:
+        async with plane("PD", with_prefill=True) as p:
+            prefill = p.workers["prefill"][0]
+            first = KVReceiver()
+            port = await first.start()
+            body = {"request_id": "a", "prompt_tokens": [1, 2, 3], "decode": f"127.0.0.1:{port}"}
+            status, answer = await post(p.session, f"{prefill}/v1/prefill", body)
+            assert status == 200, answer
+            assert len((await first.receive("a", timeout=10)).layers) == p.plan.config.num_layers
+            await first.close()  # the decode worker restarts on the same address
+            second = KVReceiver()
+            assert await second.start(port=port) == port
+            try:
+                for request_id in ("b", "c"):
+                    status, answer = await post(
+                        p.session, f"{prefill}/v1/prefill", body | {"request_id": request_id}
+                    )
+                    assert status == 200, answer
+                    received = await second.receive(request_id, timeout=10)
+                    assert len(received.layers) == p.plan.config.num_layers
+            finally:
+                await second.close()
 
     run(scenario())
 

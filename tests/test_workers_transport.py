@@ -451,6 +451,27 @@ def test_sender_refuses_misuse_and_reports_a_vanished_receiver() -> None:
     run(scenario())
 
 
+def test_an_idle_sender_sees_its_receiver_close() -> None:
+    async def scenario() -> None:
+        receiver = KVReceiver()
+        port = await receiver.start()
+        sender = await KVSender.connect("127.0.0.1", port)
+        try:
+            await sender.flush()  # the hello is out
+            assert not sender.peer_closed()
+            await receiver.close()  # a decode worker that restarts
+            for _ in range(200):
+                if sender.peer_closed():
+                    break
+                await asyncio.sleep(0.01)
+            assert sender.peer_closed()
+        finally:
+            await sender.close()
+        assert sender.peer_closed()
+
+    run(scenario())
+
+
 def test_gpu_backends_are_refused_with_a_reason() -> None:
     with pytest.raises(BackendUnavailable, match="cuda_ipc"):
         KVReceiver(backend="cuda_ipc")

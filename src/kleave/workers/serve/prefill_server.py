@@ -143,6 +143,14 @@ class PrefillServer:
         lock = self._dialing.setdefault(peer, asyncio.Lock())
         async with lock:
             sender = self._senders.get(peer)
+            if sender is not None and sender.peer_closed():
+                log.info(
+                    "the KV connection to decode worker %s:%d is closed (the worker restarted "
+                    "or went away); dialing again",
+                    *peer,
+                )
+                await self._drop(peer, sender)
+                sender = None
             if sender is None:
                 try:
                     sender = await KVSender.connect(*peer, timeout=5.0)

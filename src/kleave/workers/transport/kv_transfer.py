@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import select
 import socket
 import threading
 import time
@@ -229,6 +230,28 @@ class KVSender:
         """Queued but not yet written: what ``send_layer``'s early return left on the queue."""
         with self._lock:
             return self._queued_bytes - self._written_bytes
+
+    def peer_closed(self) -> bool:
+        """Whether this connection is dead: it failed, was closed, or the receiver closed its
+        end. The receiver never writes, so a readable socket means end of stream or a reset:
+        a decode worker that restarted (or went away) while this connection sat idle. A
+        caller checks before reusing the connection, so the next request dials afresh
+        instead of writing into a socket the kernel would still buffer and then drop."""
+        if self._closed or self._error is not None:
+            return True
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):  # closed underneath us
+            return True
+        if not readable:
+            return False
+        try:
+            self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # reset
+        return True  # end of stream (or bytes the protocol never sends)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
