@@ -239,6 +239,45 @@ def test_same_seed_same_weights_parameter_by_parameter() -> None:
     assert sum(t.numel() for t in a.values()) == TINY.num_parameters()
 
 
+@pytest.mark.parametrize("config", [TINY, DENSE], ids=["moe", "dense"])
+def test_attention_and_ffn_parts_hold_the_whole_models_weights_and_nothing_else(
+    config: ModelConfig,
+) -> None:
+    whole = MoEDecoder(config, seed=3).state_dict()
+    attention = MoEDecoder(config, seed=3, part="attention").state_dict()
+    ffn = MoEDecoder(config, seed=3, part="ffn").state_dict()
+    assert set(attention) | set(ffn) == set(whole) and not set(attention) & set(ffn)
+    assert all(".ffn." not in name for name in attention)
+    assert all(name.startswith("layers.") and ".ffn." in name for name in ffn)
+    assert all(torch.equal(t, whole[n]) for part in (attention, ffn) for n, t in part.items())
+    held = sum(t.numel() for t in attention.values())
+    assert held < config.num_parameters()  # the attention worker's memory saving
+
+
+def test_attention_and_ffn_parts_compose_to_the_whole_model() -> None:
+    """PDAF's split: the attention part's passes with the FFN part's `ffn` give the same
+    logits as the whole model, bit for bit."""
+    whole = MoEDecoder(TINY, seed=1)
+    attention = MoEDecoder(TINY, seed=1, part="attention")
+    ffn = MoEDecoder(TINY, seed=1, part="ffn")
+    tokens = torch.tensor(PROMPT)
+    positions = torch.arange(len(PROMPT))
+    h = attention.embed(tokens)
+    for layer in range(TINY.num_layers):
+        h, _, _ = attention.attention_prefill(layer, h, positions)
+        h = ffn.ffn(layer, h)
+    expected, _ = whole.prefill(tokens)
+    assert torch.equal(attention.logits(h[-1:])[0], expected)
+    with pytest.raises(RuntimeError, match="holds only its attention part, which has no FFN"):
+        attention.ffn(0, h)
+    with pytest.raises(RuntimeError, match="holds only its ffn part, which has no attention"):
+        ffn.attention_prefill(0, h, positions)
+    with pytest.raises(RuntimeError, match="no embedding or lm head"):
+        ffn.embed(tokens)
+    with pytest.raises(ValueError, match="unknown model part 'experts'"):
+        MoEDecoder(TINY, part="experts")  # type: ignore[arg-type]
+
+
 def test_bfloat16_model_runs_and_stays_close_to_float32() -> None:
     config = ModelConfig.from_dict({**TINY.to_dict(), "dtype": "bfloat16"})
     model = MoEDecoder(config, seed=0)
@@ -263,8 +302,23 @@ def test_safetensors_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     assert generate_greedy(loaded, PROMPT, 10) == generate_greedy(model, PROMPT, 10)
     explicit = MoEDecoder.from_safetensors(path, config=TINY)
     assert torch.equal(explicit.prefill(torch.tensor(PROMPT))[0], a)
-    with pytest.raises(RuntimeError, match=r"size mismatch|Missing|Unexpected"):
+    with pytest.raises(ValueError, match=r"lacks \d+ tensors of the model's all part"):
         MoEDecoder.from_safetensors(path, config=DENSE)
+
+
+def test_a_part_loads_only_its_tensors_from_a_whole_models_file(tmp_path: Path) -> None:
+    model = MoEDecoder(TINY, seed=4)
+    path = tmp_path / "tiny.safetensors"
+    model.save_safetensors(path)
+    whole = model.state_dict()
+    for part in ("attention", "ffn"):
+        loaded = MoEDecoder.from_safetensors(path, part=part)
+        held = loaded.state_dict()
+        assert held and all(torch.equal(held[name], whole[name]) for name in held)
+    ffn_only = tmp_path / "ffn.safetensors"
+    MoEDecoder(TINY, seed=4, part="ffn").save_safetensors(ffn_only)
+    with pytest.raises(ValueError, match=r"lacks \d+ tensors of the model's attention part"):
+        MoEDecoder.from_safetensors(ffn_only, part="attention")
 
 
 def test_safetensors_without_metadata_needs_a_config(tmp_path: Path) -> None:

@@ -705,6 +705,14 @@ def test_an_attention_worker_waits_for_its_ffn_worker() -> None:
             generate["sampling"] = {"max_tokens": 5, "stop_token_ids": []}
             status, body = await post(session, f"{url}/v1/generate", generate)
             assert status == 200 and len(body["tokens"]) == 5
+            # Each holds its half of the weights: together exactly the model.
+            held = {
+                role: (await info(session, urls[role][0]))["weights"]
+                for role in ("attention", "ffn")
+            }
+            assert (held["attention"]["part"], held["ffn"]["part"]) == ("attention", "ffn")
+            total = held["attention"]["parameters"] + held["ffn"]["parameters"]
+            assert total == plan.config.num_parameters()
 
     run(scenario())
 

@@ -18,13 +18,21 @@ Parameter names (stable: safetensors files and the tests use them): `embedding`,
 experts_down,shared_gate_up,shared_down}` (MoE). Projections are `[out, in]` (y = x @ W.T);
 gate_up stacks the gate rows over the up rows; the shared experts are stored concatenated as
 one SwiGLU of width `num_shared_experts * intermediate_size` (the same function as their sum).
+
+A model may hold one `part` of the weights: an attention worker never runs the FFN (the FFN
+workers do), so it holds `attention` (embedding, attention, final norm, lm head) and an FFN
+worker holds `ffn` (the FFN layers only). Random weights are drawn per parameter from a seed
+derived from the model seed and the parameter's name, so a part holds exactly the full model's
+values for its parameters without drawing the others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -35,6 +43,15 @@ from kleave.workers.kernels import fused_moe, paged_decode_attention
 from kleave.workers.kv_cache import PagedKVCache
 
 METADATA_KEY = "kleave.model_config"
+
+ModelPart = Literal["all", "attention", "ffn"]
+MODEL_PARTS: tuple[str, ...] = get_args(ModelPart)
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The generator seed of one parameter: independent of every other parameter's draw."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -110,10 +127,12 @@ class _MoEFFN(nn.Module):
 
 
 class _Layer(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, part: ModelPart) -> None:
         super().__init__()
-        self.attn = _Attention(c)
-        self.ffn: _DenseFFN | _MoEFFN = _MoEFFN(c) if c.is_moe else _DenseFFN(c)
+        self.attn: _Attention | None = None if part == "ffn" else _Attention(c)
+        self.ffn: _DenseFFN | _MoEFFN | None = None
+        if part != "attention":
+            self.ffn = _MoEFFN(c) if c.is_moe else _DenseFFN(c)
 
 
 def _init_std(name: str, tensor: torch.Tensor, c: ModelConfig) -> float | None:
@@ -146,26 +165,35 @@ class MoEDecoder(nn.Module):
         seed: int = 0,
         device: str | torch.device = "cpu",
         random_init: bool = True,
+        part: ModelPart = "all",
     ) -> None:
         """Random weights from `seed`, drawn on the CPU in float32 parameter by parameter, so
-        every worker (CPU or GPU) that builds the model from the same seed holds the same
-        weights. `random_init=False` leaves them uninitialized (for loading)."""
+        every worker (CPU or GPU) that builds the model (or a part of it) from the same seed
+        holds the same weights. `random_init=False` leaves them uninitialized (for loading)."""
         super().__init__()
+        if part not in MODEL_PARTS:
+            raise ValueError(f"unknown model part {part!r}: one of {', '.join(MODEL_PARTS)}")
         self.config = config
+        self.part: ModelPart = part
         c = config
+        self.embedding: nn.Parameter | None = None
+        self.norm: nn.Parameter | None = None
+        self.lm_head: nn.Parameter | None = None
         with torch.device(device):  # allocated in place: a 1B model never exists twice
-            self.embedding = _param(c, c.vocab_size, c.hidden_size)
-            self.layers = nn.ModuleList(_Layer(c) for _ in range(c.num_layers))
-            self.norm = _param(c, c.hidden_size)
-            self.lm_head = _param(c, c.vocab_size, c.hidden_size)
+            if part != "ffn":
+                self.embedding = _param(c, c.vocab_size, c.hidden_size)
+            self.layers = nn.ModuleList(_Layer(c, part) for _ in range(c.num_layers))
+            if part != "ffn":
+                self.norm = _param(c, c.hidden_size)
+                self.lm_head = _param(c, c.vocab_size, c.hidden_size)
         if random_init:
-            generator = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 for name, param in self.named_parameters():
                     std = _init_std(name, param, c)
                     if std is None:
                         param.fill_(1.0)
                     else:  # drawn on the CPU in float32, one parameter at a time
+                        generator = torch.Generator().manual_seed(parameter_seed(seed, name))
                         drawn = torch.empty(param.shape).normal_(0.0, std, generator=generator)
                         param.copy_(drawn)
 
@@ -174,13 +202,37 @@ class MoEDecoder(nn.Module):
         assert isinstance(layer, _Layer)
         return layer
 
+    def _missing(self, what: str) -> RuntimeError:
+        return RuntimeError(
+            f"this model holds only its {self.part} part, which has no {what} (an attention "
+            "worker calls the FFN workers; an FFN worker runs only the FFN)"
+        )
+
+    def _attn(self, index: int) -> _Attention:
+        attn = self._layer(index).attn
+        if attn is None:
+            raise self._missing("attention")
+        return attn
+
+    def _ffn(self, index: int) -> _DenseFFN | _MoEFFN:
+        ffn = self._layer(index).ffn
+        if ffn is None:
+            raise self._missing("FFN")
+        return ffn
+
+    def _head(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter]:
+        """(embedding, final norm, lm head)."""
+        if self.embedding is None or self.norm is None or self.lm_head is None:
+            raise self._missing("embedding or lm head")
+        return self.embedding, self.norm, self.lm_head
+
     @property
     def device(self) -> torch.device:
-        return self.embedding.device
+        return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embedding.dtype
+        return next(self.parameters()).dtype
 
     # ----- safetensors ------------------------------------------------------------------------
     def save_safetensors(self, path: str | Path) -> None:
@@ -196,34 +248,44 @@ class MoEDecoder(nn.Module):
         path: str | Path,
         config: ModelConfig | None = None,
         device: str | torch.device = "cpu",
+        part: ModelPart = "all",
     ) -> MoEDecoder:
-        """Load weights; the config comes from the file's metadata unless given."""
+        """Load weights (only `part`'s tensors are read); the config comes from the file's
+        metadata unless given."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        if config is None:
-            with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt", device=str(torch.device(device))) as handle:
+            if config is None:
                 metadata = handle.metadata() or {}
-            if METADATA_KEY not in metadata:
+                if METADATA_KEY not in metadata:
+                    raise ValueError(
+                        f"{path} has no {METADATA_KEY!r} metadata; pass the ModelConfig explicitly"
+                    )
+                config = ModelConfig.from_dict(json.loads(metadata[METADATA_KEY]))
+            model = cls(config, device=device, random_init=False, part=part)
+            wanted = list(model.state_dict())
+            missing = sorted(set(wanted) - set(handle.keys()))
+            if missing:
+                shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
                 raise ValueError(
-                    f"{path} has no {METADATA_KEY!r} metadata; pass the ModelConfig explicitly"
+                    f"{path} lacks {len(missing)} tensors of the model's {part} part: {shown}"
                 )
-            config = ModelConfig.from_dict(json.loads(metadata[METADATA_KEY]))
-        model = cls(config, device=device, random_init=False)
-        model.load_state_dict(load_file(str(path), device=str(model.device)), strict=True)
+            tensors = {name: handle.get_tensor(name) for name in wanted}
+        model.load_state_dict(tensors, strict=True)
         return model
 
     # ----- pieces -----------------------------------------------------------------------------
     @torch.inference_mode()
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """long `[T]` -> `[T, hidden]`."""
-        return functional.embedding(tokens.to(self.device), self.embedding)
+        embedding, _, _ = self._head()
+        return functional.embedding(tokens.to(self.device), embedding)
 
     def _qkv(
         self, layer: int, h: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
-        attn = self._layer(layer).attn
+        attn = self._attn(layer)
         x = rms_norm(h, attn.norm, c.rms_norm_eps)
         q = (x @ attn.wq.t()).view(-1, c.num_heads, c.head_dim)
         k = (x @ attn.wk.t()).view(-1, c.num_kv_heads, c.head_dim)
@@ -247,7 +309,7 @@ class MoEDecoder(nn.Module):
             scale=1.0 / math.sqrt(c.head_dim),
         )  # [H, T, D]
         out = out.transpose(0, 1).reshape(h.shape[0], c.num_heads * c.head_dim)
-        return h + out @ self._layer(layer).attn.wo.t(), k, v
+        return h + out @ self._attn(layer).wo.t(), k, v
 
     @torch.inference_mode()
     def attention_decode(
@@ -278,12 +340,12 @@ class MoEDecoder(nn.Module):
             1.0 / math.sqrt(c.head_dim),
         )
         out = out.to(h.dtype).reshape(h.shape[0], c.num_heads * c.head_dim)
-        return h + out @ self._layer(layer).attn.wo.t()
+        return h + out @ self._attn(layer).wo.t()
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router on normed `x`: softmax over all experts in float32, top-k, the top-k
         weights renormalized to sum to 1. -> (weights float32 `[N, k]`, ids long `[N, k]`)."""
-        ffn = self._layer(layer).ffn
+        ffn = self._ffn(layer)
         assert isinstance(ffn, _MoEFFN)
         probs = torch.softmax(x.float() @ ffn.router.float().t(), dim=-1)
         weights, ids = torch.topk(probs, self.config.num_experts_per_tok, dim=-1)
@@ -293,7 +355,7 @@ class MoEDecoder(nn.Module):
     def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """`[N, hidden]` -> h + FFN(norm(h)): routed experts via fused_moe plus the shared
         experts, or the dense SwiGLU."""
-        ffn = self._layer(layer).ffn
+        ffn = self._ffn(layer)
         x = rms_norm(h, ffn.norm, self.config.rms_norm_eps)
         if isinstance(ffn, _DenseFFN):
             return h + _swiglu(x, ffn.gate_up, ffn.down)
@@ -306,7 +368,8 @@ class MoEDecoder(nn.Module):
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm head: `[N, hidden]` -> float32 `[N, vocab]`."""
-        return (rms_norm(h, self.norm, self.config.rms_norm_eps) @ self.lm_head.t()).float()
+        _, norm, lm_head = self._head()
+        return (rms_norm(h, norm, self.config.rms_norm_eps) @ lm_head.t()).float()
 
     # ----- whole passes -----------------------------------------------------------------------
     @torch.inference_mode()

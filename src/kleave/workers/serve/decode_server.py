@@ -51,7 +51,7 @@ from kleave.workers.serve.http import (
 )
 from kleave.workers.serve.metrics import WorkerMetrics
 from kleave.workers.serve.plan import ServingPlan
-from kleave.workers.serve.runtime import WorkerOptions, build_cache, build_model
+from kleave.workers.serve.runtime import WorkerOptions, build_cache, build_model, plan_info
 from kleave.workers.serve.sampling import SamplingError, SamplingParams
 from kleave.workers.transport.kv_transfer import KVReceiver, KVTransferError
 
@@ -163,10 +163,7 @@ class DecodeServer:
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             "role": self.role,
-            "model": self.plan.model,
-            "preset": self.plan.preset,
-            "revision": self.plan.revision,
-            "config": self.plan.config.to_dict(),
+            **plan_info(self.plan, self.model),
             "kv_port": self.receiver.port if self.receiver is not None else None,
             "kv_host": self.options.advertise_host,
         }

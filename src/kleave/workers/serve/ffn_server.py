@@ -23,7 +23,7 @@ from kleave.workers.model import MoEDecoder
 from kleave.workers.serve.http import add_health_routes, errors_middleware
 from kleave.workers.serve.metrics import TRANSFER_BUCKETS
 from kleave.workers.serve.plan import ServingPlan
-from kleave.workers.serve.runtime import WorkerOptions, build_model
+from kleave.workers.serve.runtime import WorkerOptions, build_model, plan_info
 from kleave.workers.transport.af import FFNServer as ActivationServer
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,7 @@ class FFNWorker:
     def info(self) -> dict[str, Any]:
         return {
             "role": "ffn",
-            "model": self.plan.model,
-            "preset": self.plan.preset,
-            "revision": self.plan.revision,
-            "config": self.plan.config.to_dict(),
+            **plan_info(self.plan, self.model),
             "af_port": self.server.port if self.server is not None else None,
             "af_host": self.options.advertise_host,
         }

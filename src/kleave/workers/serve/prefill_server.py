@@ -35,7 +35,7 @@ from kleave.workers.serve.http import (
 )
 from kleave.workers.serve.metrics import WorkerMetrics
 from kleave.workers.serve.plan import ServingPlan
-from kleave.workers.serve.runtime import WorkerOptions, build_model
+from kleave.workers.serve.runtime import WorkerOptions, build_model, plan_info
 from kleave.workers.serve.sampling import SamplingParams, sample
 from kleave.workers.transport.kv_transfer import KVSender, KVTransferError
 
@@ -125,10 +125,7 @@ class PrefillServer:
     def info(self) -> dict[str, Any]:
         return {
             "role": "prefill",
-            "model": self.plan.model,
-            "preset": self.plan.preset,
-            "revision": self.plan.revision,
-            "config": self.plan.config.to_dict(),
+            **plan_info(self.plan, self.model),
             "running": self._running,
             "waiting": self._waiting,
             "decode_peers": sorted(f"{h}:{p}" for h, p in self._senders),

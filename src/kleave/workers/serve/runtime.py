@@ -12,11 +12,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kleave.workers.kv_cache import PagedKVCache
-from kleave.workers.model import MoEDecoder
+from kleave.workers.model import ModelPart, MoEDecoder
 from kleave.workers.serve.plan import PlanError, ServingPlan
 
 log = logging.getLogger(__name__)
@@ -53,17 +54,47 @@ def configure_torch(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def model_part(role: str) -> ModelPart:
+    """The weights a server role runs: PDAF's attention and FFN workers each hold half."""
+    if role == "attention":
+        return "attention"
+    if role == "ffn":
+        return "ffn"
+    return "all"
+
+
 def build_model(plan: ServingPlan, options: WorkerOptions) -> MoEDecoder:
-    """The plan's model: from `options.weights`, else random from the plan's seed."""
+    """The part of the plan's model `options.role` runs: from `options.weights`, else random
+    from the plan's seed."""
+    part = model_part(options.role)
     if options.weights is None:
-        return MoEDecoder(plan.config, seed=plan.seed, device=options.device)
-    model = MoEDecoder.from_safetensors(options.weights, device=options.device)
+        return MoEDecoder(plan.config, seed=plan.seed, device=options.device, part=part)
+    model = MoEDecoder.from_safetensors(options.weights, device=options.device, part=part)
     if model.config != plan.config:
         raise PlanError(
             f"--weights {options.weights} holds model config {model.config.to_dict()}, but "
             f"{plan.source} serves {plan.preset} {plan.config.to_dict()}"
         )
     return model
+
+
+def plan_info(plan: ServingPlan, model: MoEDecoder | None) -> dict[str, Any]:
+    """What every worker's /v1/info says about its model, and which weights it holds."""
+    info: dict[str, Any] = {
+        "model": plan.model,
+        "preset": plan.preset,
+        "revision": plan.revision,
+        "config": plan.config.to_dict(),
+        "weights": None,
+    }
+    if model is not None:
+        tensors = list(model.parameters())
+        info["weights"] = {
+            "part": model.part,
+            "parameters": sum(t.numel() for t in tensors),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors),
+        }
+    return info
 
 
 def cache_blocks(plan: ServingPlan, options: WorkerOptions) -> int:
