@@ -242,3 +242,33 @@ def test_a_claim_seen_just_after_its_window_ended_is_still_counted() -> None:
         assert _scaling_status(h)["history"]["claims"] == "2"
 
     asyncio.run(asyncio.wait_for(body(), timeout=20))
+
+
+def test_windows_before_a_pool_was_autoscaled_are_not_counted_as_quiet() -> None:
+    """The operator has run for a while; a pool created (or switched on) now has no claim
+    history yet: not minutes of zero claims."""
+
+    async def body() -> None:
+        clock = Clock(T0)
+        h = _harness(clock)
+        clock.now = T0 + 300
+        h.add(SANDBOX_WARM_POOL, _scaled_pool())
+        await _decide(h)
+        status = _scaling_status(h)
+        assert (status["reason"], status["history"]["claims"]) == ("NoClaims", "")
+        assert status["observedClaimsPerMinute"] is None
+
+        off = _scaled_pool(mode="off")
+        off["metadata"]["name"] = "later"
+        h.add(SANDBOX_WARM_POOL, off)
+        clock.now = T0 + 600
+        later = copy.deepcopy(h.get(SANDBOX_WARM_POOL, "later"))
+        later["spec"]["autoscaling"]["mode"] = "reactive"
+        h.kube._stamp(later)
+        h.kube.objects[(SANDBOX_WARM_POOL.plural, NS, "later")] = later
+        h.ctl.observe("MODIFIED", copy.deepcopy(later))
+        await h.ctl.reconcile((AUTOSCALE_KEY, NS, "later"))
+        scaling = h.get(SANDBOX_WARM_POOL, "later")["status"]["autoscaling"]
+        assert (scaling["reason"], scaling["history"]["claims"]) == ("NoClaims", "")
+
+    asyncio.run(asyncio.wait_for(body(), timeout=20))

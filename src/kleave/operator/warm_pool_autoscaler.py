@@ -119,29 +119,41 @@ class WarmPoolAutoscaler:
         self._startups: dict[Key, deque[float]] = {}
         self._counted_pods: dict[Key, set[str]] = {}
         self._states: dict[Key, _PoolState] = {}
+        self._since: dict[Key, float] = {}  # pool -> when this process began counting its claims
 
     # -- what the controllers feed in -------------------------------------------------------
 
     def _autoscaled(self, namespace: str, pool: str) -> WarmPoolAutoscaling | None:
+        """The pool's autoscaling settings, if on; the first time, its claims start counting."""
         obj = self._pools.get(namespace, pool)
         spec = ((obj or {}).get("spec") or {}).get("autoscaling") or {}
         if spec.get("mode") not in ("reactive", "forecast"):
             return None
         try:
-            return WarmPoolAutoscaling.model_validate(spec)
+            settings = WarmPoolAutoscaling.model_validate(spec)
         except ValidationError:
             return None
+        self._start_counting((namespace, pool))
+        return settings
+
+    def _start_counting(self, key: Key) -> None:
+        self._since.setdefault(key, max(self.watching_since_s, self._clock()))
+
+    def _counting_since(self, key: Key) -> float:
+        """Windows before this were not watched for this pool (before this process started, or
+        before the pool existed or had autoscaling on here): missing, never zero."""
+        return self._since.get(key, self.watching_since_s)
 
     def record_claim(self, sandbox: Mapping[str, Any]) -> None:
         """Count an AgentSandbox as a claim on the pool it names (once, by uid)."""
         meta = sandbox.get("metadata") or {}
         pool = ((sandbox.get("spec") or {}).get("warmPoolRef") or {}).get("name")
         created = epoch_s(meta.get("creationTimestamp"))
-        if not pool or created is None or created < self.watching_since_s - 1.0:
-            return  # before this process watched: its window is recorded as missing
-        key = (str(meta.get("namespace") or ""), str(pool))
-        if self._autoscaled(*key) is None:
+        if not pool or created is None:
             return
+        key = (str(meta.get("namespace") or ""), str(pool))
+        if self._autoscaled(*key) is None or created < self._counting_since(key) - 1.0:
+            return  # before the pool's claims were counted: its window is recorded as missing
         state = self._states.get(key)
         if state is not None and state.history.end_s is not None and created < state.history.end_s:
             return  # its window is closed and counted
@@ -173,6 +185,7 @@ class WarmPoolAutoscaler:
         self._startups.pop(key, None)
         self._counted_pods.pop(key, None)
         self._states.pop(key, None)
+        self._since.pop(key, None)
         for kind in ("observed", "forecast", "provisioned"):
             _remove(WARM_POOL_CLAIM_RATE, namespace, pool, kind)
         _remove(WARM_POOL_REPLICAS, namespace, pool)
@@ -196,6 +209,7 @@ class WarmPoolAutoscaler:
             if (pool.get("status") or {}).get("autoscaling") is not None:
                 await self._write_status(pool, None)
             return None
+        self._start_counting(key)
         state = self._state(key, pool, scaling)
         step = scaling.interval_seconds
         settle = settle_s(step)
@@ -210,7 +224,7 @@ class WarmPoolAutoscaler:
             state.history,
             pending.values(),
             now_s=closing,
-            watching_since_s=self.watching_since_s,
+            watching_since_s=self._counting_since(key),
             span_s=startup,
             max_windows=min(MAX_HISTORY_WINDOWS, math.ceil(scaling.history_s / step)),
         )
