@@ -516,7 +516,9 @@ def test_warm_pool_autoscaling_follows_the_claim_rate(
     cluster.apply(template_manifest("scaled", ns, persistence=False))
     cluster.apply(AUTOSCALED_POOL)
     wait_for(lambda: _pool_ready(cluster, ns, "scaled", 1), 60, "one warm sandbox")
-    wait_for(lambda: _autoscaling(cluster).get("reason") == "NoClaims", 30, "a first decision")
+    # No claims yet (no window ended, or only empty ones): held at min.
+    first = _autoscaling(cluster)
+    assert first["reason"] in ("NoClaims", "AtMin") and first["replicas"] == 1, first
 
     api = _kube_client(cluster.kubeconfig)
     names = [f"scaled-{n:02d}" for n in range(30)]

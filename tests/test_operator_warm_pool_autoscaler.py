@@ -75,9 +75,9 @@ def test_reactive_scales_up_at_once_and_down_after_the_delay() -> None:
         h = _harness(clock)
         h.add(SANDBOX_WARM_POOL, _scaled_pool())
         delay = await _decide(h)
-        # No claim window has ended yet: the first full window is [100010, 100020), closed 2 s
-        # after its end (the watch events' settle time).
-        assert delay is not None and math.isclose(delay, 100_022 - T0, abs_tol=0.01)
+        # No claim window has ended yet: the first is [100000, 100010), counted from T0 and
+        # closed 2 s after its end (the watch events' settle time).
+        assert delay is not None and math.isclose(delay, 100_012 - T0, abs_tol=0.01)
         assert _scaling_status(h)["reason"] == "NoClaims"
         assert h.get(SANDBOX_WARM_POOL, "pool")["spec"]["replicas"] == 1
 
@@ -92,7 +92,7 @@ def test_reactive_scales_up_at_once_and_down_after_the_delay() -> None:
         assert (status["reason"], status["replicas"], status["observedClaimsPerMinute"]) == (
             "Reactive", 19, 120.0,
         )  # fmt: skip
-        assert status["history"]["claims"] == "20"
+        assert status["history"]["claims"] == "0,20"
         assert ("patch", "SandboxWarmPool", "pool") in h.kube.calls
         scaled = [e for e in h.kube.events if e["reason"] == "WarmPoolScaled"]
         assert len(scaled) == 1 and "from 1 to 19 (Reactive)" in scaled[0]["message"]
@@ -108,7 +108,7 @@ def test_reactive_scales_up_at_once_and_down_after_the_delay() -> None:
         assert (status["reason"], status["replicas"]) == ("AtMin", 1)
         assert h.get(SANDBOX_WARM_POOL, "pool")["spec"]["replicas"] == 1
         claims = decode_counts(status["history"]["claims"])
-        assert claims[0] == 20 and sum(claims) == 20 and len(claims) == 39
+        assert claims[1] == 20 and sum(claims) == 20 and len(claims) == 40
 
     asyncio.run(asyncio.wait_for(body(), timeout=20))
 
@@ -149,9 +149,10 @@ def test_a_restarted_operator_keeps_the_history_and_marks_the_gap() -> None:
         history = _scaling_status(h)["history"]
         assert history["end"] == format_epoch(100_070)
         claims = decode_counts(history["claims"])
-        # [100010, 100020): 4; then 20..60 unwatched (missing); [100060, 100070): 3
-        assert claims[0] == 4 and claims[-1] == 3
-        assert all(math.isnan(c) for c in claims[1:-1]) and len(claims) == 6
+        # [100000, 100010): 0 and [100010, 100020): 4; then 20..50 unwatched (missing);
+        # [100050, 100060), in which the new process began, 0; [100060, 100070): 3
+        assert claims[:2] == [0, 4] and claims[-2:] == [0, 3] and len(claims) == 7
+        assert all(math.isnan(c) for c in claims[2:-2])
         # The size seen before the restart is held through the scale-down delay.
         assert _scaling_status(h)["replicas"] >= h.get(SANDBOX_WARM_POOL, "pool")["spec"]["min"]
 
@@ -239,7 +240,7 @@ def test_a_claim_seen_just_after_its_window_ended_is_still_counted() -> None:
         _claims(h, 2, 100_019)  # watch events that arrive late
         clock.now = 100_022.0
         await _decide(h)
-        assert _scaling_status(h)["history"]["claims"] == "2"
+        assert _scaling_status(h)["history"]["claims"] == "0,2"
 
     asyncio.run(asyncio.wait_for(body(), timeout=20))
 

@@ -73,9 +73,9 @@ def test_windows_close_aligned_and_count_claims_once() -> None:
         span_s=5,
         max_windows=100,
     )
-    # Watching began inside [960, 1020): that window is not recorded at all.
+    # Watching began inside [960, 1020): that window counts the claims from then on.
     assert history.end_s == 1140
-    assert history.claims == (2, 1) and history.peaks == (2, 1)
+    assert history.claims == (0, 2, 1) and history.peaks == (0, 2, 1)
     again = close_windows(
         history, [1145], now_s=1199, watching_since_s=1000.5, span_s=5, max_windows=100
     )

@@ -121,14 +121,15 @@ def close_windows(
     span_s: float,
     max_windows: int,
 ) -> ClaimHistory:
-    """Append every window that has ended by `now_s`. A window that started before
-    `watching_since_s` was not (fully) watched: it is recorded as missing. Windows are aligned
-    to multiples of the interval, so they line up across operator restarts."""
+    """Append every window that has ended by `now_s`. A window that ended by
+    `watching_since_s` was not watched: it is recorded as missing. The window in which the
+    watch began counts the claims from then on (for a new pool, all of them). Windows are
+    aligned to multiples of the interval, so they line up across operator restarts."""
     step = history.interval_s
     boundary = math.floor(now_s / step) * step
     end = history.end_s
-    if end is None or end > boundary:  # no history yet, or the clock went back
-        end = math.ceil(watching_since_s / step) * step
+    if end is None or end > boundary + step:  # no history yet, or the clock went back
+        end = math.floor(watching_since_s / step) * step
         history = ClaimHistory(step, end)
     windows = round((boundary - end) / step)
     if windows <= 0:
@@ -140,7 +141,7 @@ def close_windows(
         claims, peaks = [], []
     for j in range(skip, windows):
         start = end + j * step
-        if start < watching_since_s:
+        if start + step <= watching_since_s:
             claims.append(math.nan)
             peaks.append(math.nan)
             continue
