@@ -135,7 +135,9 @@ def test_a_restarted_operator_keeps_the_history_and_marks_the_gap() -> None:
     async def body() -> None:
         clock = Clock(T0)
         h = _harness(clock)
-        h.add(SANDBOX_WARM_POOL, _scaled_pool())
+        old = _scaled_pool()
+        old["metadata"]["creationTimestamp"] = format_epoch(T0 - 3600)  # it predates both
+        h.add(SANDBOX_WARM_POOL, old)
         await _decide(h)
         _claims(h, 4, 100_015)
         clock.now = 100_022.2
@@ -149,10 +151,11 @@ def test_a_restarted_operator_keeps_the_history_and_marks_the_gap() -> None:
         history = _scaling_status(h)["history"]
         assert history["end"] == format_epoch(100_070)
         claims = decode_counts(history["claims"])
-        # [100000, 100010): 0 and [100010, 100020): 4; then 20..50 unwatched (missing);
-        # [100050, 100060), in which the new process began, 0; [100060, 100070): 3
-        assert claims[:2] == [0, 4] and claims[-2:] == [0, 3] and len(claims) == 7
-        assert all(math.isnan(c) for c in claims[2:-2])
+        # [100000, 100010), in which the first process began: missing; [100010, 100020): 4;
+        # then [100020, 100060) unwatched or watched only in part (the new process began at
+        # 100055): missing; [100060, 100070): 3
+        assert claims[1] == 4 and claims[-1] == 3 and len(claims) == 7
+        assert all(math.isnan(c) for c in [claims[0], *claims[2:-1]])
         # The size seen before the restart is held through the scale-down delay.
         assert _scaling_status(h)["replicas"] >= h.get(SANDBOX_WARM_POOL, "pool")["spec"]["min"]
 
@@ -271,5 +274,37 @@ def test_windows_before_a_pool_was_autoscaled_are_not_counted_as_quiet() -> None
         await h.ctl.reconcile((AUTOSCALE_KEY, NS, "later"))
         scaling = h.get(SANDBOX_WARM_POOL, "later")["status"]["autoscaling"]
         assert (scaling["reason"], scaling["history"]["claims"]) == ("NoClaims", "")
+
+    asyncio.run(asyncio.wait_for(body(), timeout=20))
+
+
+def test_a_new_interval_starts_a_new_history_without_zeros() -> None:
+    async def body() -> None:
+        clock = Clock(T0)
+        h = _harness(clock)
+        obj = _scaled_pool()
+        obj["metadata"]["creationTimestamp"] = format_epoch(T0 - 3600)
+        h.add(SANDBOX_WARM_POOL, obj)
+        await _decide(h)
+        for n in range(5):  # claims in five windows
+            _claims(h, 3, 100_011 + 10 * n, prefix=f"w{n}")
+            clock.now = 100_022.2 + 10 * n
+            await _decide(h)
+        current = copy.deepcopy(h.get(SANDBOX_WARM_POOL, "pool"))
+        current["spec"]["autoscaling"]["intervalSeconds"] = 20
+        h.kube._stamp(current)
+        h.kube.objects[(SANDBOX_WARM_POOL.plural, NS, "pool")] = current
+        h.ctl.observe("MODIFIED", copy.deepcopy(current))
+        clock.now = 100_205.0
+        await _decide(h)
+        for now in (100_224.0, 100_244.0):
+            clock.now = now
+            await _decide(h)
+        history = _scaling_status(h)["history"]
+        assert history["intervalSeconds"] == 20
+        # [100200, 100220) watched only from 100205: missing; [100220, 100240): none. Not
+        # windows of zeros back to the process start (its claims were binned at 10 s).
+        claims = decode_counts(history["claims"])
+        assert len(claims) == 2 and math.isnan(claims[0]) and claims[1] == 0
 
     asyncio.run(asyncio.wait_for(body(), timeout=20))

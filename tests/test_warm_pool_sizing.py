@@ -73,9 +73,20 @@ def test_windows_close_aligned_and_count_claims_once() -> None:
         span_s=5,
         max_windows=100,
     )
-    # Watching began inside [960, 1020): that window counts the claims from then on.
+    # Watching began inside [960, 1020), for a pool older than that: it is missing.
     assert history.end_s == 1140
-    assert history.claims == (0, 2, 1) and history.peaks == (0, 2, 1)
+    assert history.claims[1:] == (2, 1) and history.peaks[1:] == (2, 1)
+    assert math.isnan(history.claims[0]) and math.isnan(history.peaks[0])
+    new_pool = close_windows(
+        fresh,
+        [1030, 1031, 1100, 1145],
+        now_s=1150,
+        watching_since_s=1000.5,
+        span_s=5,
+        max_windows=100,
+        pool_created_s=1000.0,
+    )  # a pool created in that window: all its claims were seen
+    assert new_pool.claims == (0, 2, 1)
     again = close_windows(
         history, [1145], now_s=1199, watching_since_s=1000.5, span_s=5, max_windows=100
     )
@@ -98,8 +109,18 @@ def test_history_is_bounded_and_survives_a_clock_step_back() -> None:
         ClaimHistory(10, 0.0), [], now_s=1000, watching_since_s=0, span_s=1, max_windows=5
     )
     assert len(history.claims) == 5 and history.end_s == 1000
+    # A clock behind the last writer's (a failover to a skewed node) keeps every window.
     back = close_windows(history, [], now_s=500, watching_since_s=400, span_s=1, max_windows=5)
-    assert back.end_s == 500 and back.claims == (0.0,) * 5  # restarted at 400
+    assert back == history
+
+
+def test_a_burst_across_a_window_boundary_is_one_peak() -> None:
+    times = [float(t) for t in range(1070, 1090)]  # 20 claims, one per second, 10 each side
+    history = close_windows(
+        ClaimHistory(60, 1020.0), times, now_s=1140, watching_since_s=0, span_s=30,
+        max_windows=10,
+    )  # fmt: skip
+    assert history.claims == (10, 10) and history.peaks == (10, 20)
 
 
 def test_history_round_trips_through_status_and_rejects_what_it_cannot_read() -> None:
@@ -132,6 +153,13 @@ def test_ready_after_reads_creation_to_ready() -> None:
         },
     }
     assert ready_after_s(pod) == 4.0
+    pod["status"]["conditions"].append(
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-12-02T10:00:03Z"}
+    )
+    assert ready_after_s(pod) == 1.0  # time Pending for a node is not start-up
+    pod["status"]["containerStatuses"] = [{"name": "runtime", "restartCount": 1}]
+    assert ready_after_s(pod) is None  # Ready again after a restart
+    del pod["status"]["containerStatuses"]
     pod["status"]["conditions"][0]["status"] = "False"
     assert ready_after_s(pod) is None
 

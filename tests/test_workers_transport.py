@@ -457,10 +457,13 @@ def test_an_idle_sender_sees_its_receiver_close() -> None:
         port = await receiver.start()
         sender = await KVSender.connect("127.0.0.1", port)
         try:
-            await sender.flush()  # the hello is out
+            await sender.begin("r", {"num_layers": 1})
+            sender.send_layer("r", 0, *layer_kv(0, 0))
+            await sender.end("r")
+            await receiver.receive("r", timeout=HANG_GUARD)  # the receiver holds the connection
             assert not sender.peer_closed()
             await receiver.close()  # a decode worker that restarts
-            for _ in range(200):
+            for _ in range(1000):
                 if sender.peer_closed():
                     break
                 await asyncio.sleep(0.01)

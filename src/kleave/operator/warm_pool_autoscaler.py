@@ -201,7 +201,8 @@ class WarmPoolAutoscaler:
         try:
             spec = SandboxWarmPoolSpec.model_validate(pool.get("spec") or {})
         except ValidationError:
-            return None  # the pool reconciler reports it
+            self.forget(namespace, name)  # the pool reconciler reports it
+            return None
         scaling = spec.autoscaling
         key = (namespace, name)
         if scaling is None or scaling.mode == "off":
@@ -217,7 +218,8 @@ class WarmPoolAutoscaler:
         closing = now - settle  # windows that ended before this have all their events
         boundary = math.floor(closing / step) * step
         if state.decided and state.history.end_s is not None and boundary <= state.history.end_s:
-            return state.history.end_s + step + settle - now
+            # At most one interval: a clock behind the last writer's catches up meanwhile.
+            return min(state.history.end_s + step + settle - now, step + settle)
         startup = startup_s(scaling, list(self._startups.get(key, ())))
         pending = self._claims.get(key, {})
         state.history = close_windows(
@@ -227,9 +229,12 @@ class WarmPoolAutoscaler:
             watching_since_s=self._counting_since(key),
             span_s=startup,
             max_windows=min(MAX_HISTORY_WINDOWS, math.ceil(scaling.history_s / step)),
+            pool_created_s=epoch_s(pool["metadata"].get("creationTimestamp")),
         )
         end = state.history.end_s if state.history.end_s is not None else boundary
-        self._claims[key] = {uid: t for uid, t in pending.items() if t >= end}
+        # Claims of closed windows are counted; those within one start-up of the newest end
+        # stay for the next window's peak (a burst across the boundary).
+        self._claims[key] = {uid: t for uid, t in pending.items() if t > end - startup}
         prediction: WindowPrediction | None = None
         if scaling.mode == "forecast":
             prediction = await asyncio.to_thread(
@@ -266,6 +271,8 @@ class WarmPoolAutoscaler:
         history = ClaimHistory.from_status(previous.get("history"), scaling.interval_seconds)
         if state is not None and state.history.interval_s == scaling.interval_seconds:
             history = state.history  # the settings changed, not the windows
+        elif state is not None:  # new windows: the claims of the old ones are not kept here
+            self._since[key] = self._clock()
         fresh = _PoolState(scaling, history, _forecaster(scaling))
         if state is not None:
             fresh.recommendations = state.recommendations

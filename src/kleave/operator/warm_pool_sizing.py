@@ -120,35 +120,46 @@ def close_windows(
     watching_since_s: float,
     span_s: float,
     max_windows: int,
+    pool_created_s: float | None = None,
 ) -> ClaimHistory:
     """Append every window that has ended by `now_s`. A window that ended by
-    `watching_since_s` was not watched: it is recorded as missing. The window in which the
-    watch began counts the claims from then on (for a new pool, all of them). Windows are
-    aligned to multiples of the interval, so they line up across operator restarts."""
+    `watching_since_s` was not watched: it is recorded as missing, and so is the one in which
+    the watch began, unless the pool was created in it (then every claim of it was seen).
+    Windows are aligned to multiples of the interval, so they line up across operator
+    restarts. A window's peak also counts claims up to `span_s` before it (a burst across a
+    boundary is one burst), so `claim_times` should reach back that far."""
     step = history.interval_s
     boundary = math.floor(now_s / step) * step
     end = history.end_s
-    if end is None or end > boundary + step:  # no history yet, or the clock went back
+    if end is None:
         end = math.floor(watching_since_s / step) * step
         history = ClaimHistory(step, end)
     windows = round((boundary - end) / step)
-    if windows <= 0:
+    if windows <= 0:  # none ended, or this clock is behind the last writer's: keep it all
         return history
-    times = sorted(t for t in claim_times if end <= t < boundary)
+    times = sorted(t for t in claim_times if end - span_s < t < boundary)
     skip = max(0, windows - max_windows)  # older than what is kept anyway
     claims, peaks = list(history.claims), list(history.peaks)
     if skip:
         claims, peaks = [], []
+    created_in_first = (
+        pool_created_s is not None
+        and pool_created_s >= math.floor(watching_since_s / step) * step - 1.0
+    )  # creationTimestamps have one-second resolution
     for j in range(skip, windows):
         start = end + j * step
-        if start + step <= watching_since_s:
+        unwatched = start + step <= watching_since_s or (
+            start < watching_since_s and not created_in_first
+        )
+        if unwatched:
             claims.append(math.nan)
             peaks.append(math.nan)
             continue
         lo = bisect.bisect_left(times, start)
         hi = bisect.bisect_left(times, start + step)
+        reach = bisect.bisect_right(times, start - span_s)
         claims.append(float(hi - lo))
-        peaks.append(float(most_within(times[lo:hi], span_s)))
+        peaks.append(float(most_within(times[reach:hi], span_s)) if hi > lo else 0.0)
     return ClaimHistory(
         step, float(boundary), tuple(claims[-max_windows:]), tuple(peaks[-max_windows:])
     )
@@ -156,15 +167,27 @@ def close_windows(
 
 # ----- start-up time --------------------------------------------------------------------------
 def ready_after_s(pod: Mapping[str, Any]) -> float | None:
-    """Seconds from a pod's creation to its Ready condition turning True, if it is Ready."""
-    created = (pod.get("metadata") or {}).get("creationTimestamp")
-    for condition in (pod.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == "Ready" and condition.get("status") == "True":
-            ready, born = epoch_s(condition.get("lastTransitionTime")), epoch_s(created)
-            if ready is None or born is None:
-                return None
-            return max(0.0, ready - born)
-    return None
+    """Seconds from a pod's scheduling (else creation) to its Ready condition turning True, if
+    it is Ready and never restarted. Time spent Pending for lack of a node is left out: more
+    warm pods would not shorten it, and sizing for it would only add Pending pods. A pod
+    whose containers restarted (its Ready time is the last restart's) is not a start-up."""
+    status = pod.get("status") or {}
+    if any((c.get("restartCount") or 0) > 0 for c in status.get("containerStatuses") or []):
+        return None
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = conditions.get("Ready") or {}
+    if ready.get("status") != "True":
+        return None
+    scheduled = conditions.get("PodScheduled") or {}
+    begin = (
+        scheduled.get("lastTransitionTime")
+        if scheduled.get("status") == "True"
+        else (pod.get("metadata") or {}).get("creationTimestamp")
+    ) or (pod.get("metadata") or {}).get("creationTimestamp")
+    ready_at, born = epoch_s(ready.get("lastTransitionTime")), epoch_s(begin)
+    if ready_at is None or born is None:
+        return None
+    return max(0.0, ready_at - born)
 
 
 def startup_s(spec: WarmPoolAutoscaling, measured: Sequence[float]) -> float:

@@ -96,5 +96,6 @@ class WindowForecaster:
         # windows gave 13x its largest value ever): nothing beyond the recent maximum by
         # more than `UPPER_CAP` is believed.
         recent = series[-self._cap_window :]
-        ceiling = UPPER_CAP * max(mean, float(np.nanmax(recent)))
+        recent = recent[np.isfinite(recent)]  # a recent stretch may be all missing
+        ceiling = UPPER_CAP * max(mean, float(recent.max()) if recent.size else mean)
         return WindowPrediction(max(mean, 0.0), min(max(upper, mean, 0.0), ceiling), f.model)
