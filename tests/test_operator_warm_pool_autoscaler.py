@@ -61,6 +61,17 @@ def _claims(h: Harness, count: int, at: float, prefix: str = "agent") -> None:
         h.add(AGENT_SANDBOX, obj)
 
 
+def _edit_spec(h: Harness, name: str, **changes: Any) -> None:
+    """What `kubectl edit` of the pool's spec does: a new resourceVersion and its watch event;
+    `autoscaling` entries are merged into the existing block."""
+    current = copy.deepcopy(h.get(SANDBOX_WARM_POOL, name))
+    current["spec"]["autoscaling"].update(changes.pop("autoscaling", {}))
+    current["spec"].update(changes)
+    h.kube._stamp(current)
+    h.kube.objects[(SANDBOX_WARM_POOL.plural, NS, name)] = current
+    h.ctl.observe("MODIFIED", copy.deepcopy(current))
+
+
 def _scaling_status(h: Harness) -> Obj:
     return dict(h.get(SANDBOX_WARM_POOL, "pool")["status"]["autoscaling"])
 
@@ -219,12 +230,7 @@ def test_turning_autoscaling_off_clears_its_status_and_leaves_replicas() -> None
         h.add(SANDBOX_WARM_POOL, _scaled_pool())
         await _decide(h)
         assert "autoscaling" in h.get(SANDBOX_WARM_POOL, "pool")["status"]
-        current = copy.deepcopy(h.get(SANDBOX_WARM_POOL, "pool"))
-        current["spec"]["autoscaling"]["mode"] = "off"
-        current["spec"]["replicas"] = 7
-        h.kube._stamp(current)
-        h.kube.objects[(SANDBOX_WARM_POOL.plural, NS, "pool")] = current
-        h.ctl.observe("MODIFIED", copy.deepcopy(current))
+        _edit_spec(h, "pool", autoscaling={"mode": "off"}, replicas=7)
         assert await _decide(h) is None
         stored = h.get(SANDBOX_WARM_POOL, "pool")
         assert "autoscaling" not in stored["status"] and stored["spec"]["replicas"] == 7
@@ -266,11 +272,7 @@ def test_windows_before_a_pool_was_autoscaled_are_not_counted_as_quiet() -> None
         off["metadata"]["name"] = "later"
         h.add(SANDBOX_WARM_POOL, off)
         clock.now = T0 + 600
-        later = copy.deepcopy(h.get(SANDBOX_WARM_POOL, "later"))
-        later["spec"]["autoscaling"]["mode"] = "reactive"
-        h.kube._stamp(later)
-        h.kube.objects[(SANDBOX_WARM_POOL.plural, NS, "later")] = later
-        h.ctl.observe("MODIFIED", copy.deepcopy(later))
+        _edit_spec(h, "later", autoscaling={"mode": "reactive"})
         await h.ctl.reconcile((AUTOSCALE_KEY, NS, "later"))
         scaling = h.get(SANDBOX_WARM_POOL, "later")["status"]["autoscaling"]
         assert (scaling["reason"], scaling["history"]["claims"]) == ("NoClaims", "")
@@ -290,11 +292,7 @@ def test_a_new_interval_starts_a_new_history_without_zeros() -> None:
             _claims(h, 3, 100_011 + 10 * n, prefix=f"w{n}")
             clock.now = 100_022.2 + 10 * n
             await _decide(h)
-        current = copy.deepcopy(h.get(SANDBOX_WARM_POOL, "pool"))
-        current["spec"]["autoscaling"]["intervalSeconds"] = 20
-        h.kube._stamp(current)
-        h.kube.objects[(SANDBOX_WARM_POOL.plural, NS, "pool")] = current
-        h.ctl.observe("MODIFIED", copy.deepcopy(current))
+        _edit_spec(h, "pool", autoscaling={"intervalSeconds": 20})
         clock.now = 100_205.0
         await _decide(h)
         for now in (100_224.0, 100_244.0):
