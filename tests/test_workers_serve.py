@@ -419,15 +419,17 @@ def test_an_abandoned_stream_aborts_and_frees_its_blocks(model: MoEDecoder) -> N
 
 # ----- servers on real sockets, one process -------------------------------------------------
 @asynccontextmanager
-async def serving(app: web.Application, port: int) -> AsyncIterator[str]:
+async def serving(app: web.Application, port: int) -> AsyncIterator[web.AppRunner]:
+    """Serve `app` on 127.0.0.1:`port`; a test may clean the runner up early (a dead worker)."""
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.SockSite(runner, bind_socket("127.0.0.1", port))
     await site.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield runner
     finally:
-        await runner.cleanup()
+        if runner.server is not None:  # not already stopped by the test
+            await runner.cleanup()
 
 
 def free_port() -> int:
@@ -443,6 +445,9 @@ class Plane:
     router: str
     workers: dict[str, list[str]]
     session: aiohttp.ClientSession
+    routing: Router
+    servers: dict[str, PrefillServer | DecodeServer | FFNWorker]  # by URL
+    runners: dict[str, web.AppRunner]  # by URL: `await runners[url].cleanup()` kills one
 
 
 async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
@@ -456,40 +461,53 @@ async def wait_ready(session: aiohttp.ClientSession, url: str) -> None:
 
 @asynccontextmanager
 async def plane(
-    topology: str, *, kv_blocks: int = 256, with_prefill: bool = True
+    topology: str,
+    *,
+    kv_blocks: int = 256,
+    with_prefill: bool = True,
+    counts: Mapping[str, int] | None = None,
+    refresh_s: float = 0.2,
 ) -> AsyncIterator[Plane]:
-    """Every server of `topology` plus the router, in this event loop on real sockets."""
+    """Every server of `topology` (`counts` per role, default one) plus the router, in this
+    event loop on real sockets."""
     roles = {
         "Colocated": ["decode"],
         "PD": ["prefill", "decode"],
         "PDAF": ["prefill", "attention", "ffn"],
     }[topology]
-    ports = {role: free_port() for role in roles}
-    urls = {role: [f"http://127.0.0.1:{port}"] for role, port in ports.items()}
+    ports = {role: [free_port() for _ in range((counts or {}).get(role, 1))] for role in roles}
+    urls = {role: [f"http://127.0.0.1:{port}" for port in ports[role]] for role in roles}
     router_port = free_port()
     plan = parse_plan(local_plan(topology=topology, model="tiny", pools=urls, router_url="r"))
+    servers: dict[str, PrefillServer | DecodeServer | FFNWorker] = {}
+    runners: dict[str, web.AppRunner] = {}
     async with AsyncExitStack() as stack:
         session = await stack.enter_async_context(aiohttp.ClientSession())
         for role in roles:  # ffn last: the attention worker connects to it once it loads
             if role == "prefill" and not with_prefill:
                 continue
-            options = WorkerOptions(
-                role=plan.server_role(role), host="127.0.0.1", port=ports[role], kv_blocks=kv_blocks
-            )
-            server: PrefillServer | DecodeServer | FFNWorker
-            if role == "prefill":
-                server = PrefillServer(plan, options)
-            elif role == "ffn":
-                server = FFNWorker(plan, options)
-            else:
-                server = DecodeServer(plan, options, options.role)
-            await stack.enter_async_context(serving(server.app(), ports[role]))
-        for role in roles:
-            if role != "prefill" or with_prefill:
-                await wait_ready(session, urls[role][0])
-        router = Router(plan, RouterOptions(host="127.0.0.1", port=router_port, refresh_s=0.2))
-        router_url = await stack.enter_async_context(serving(router.app(), router_port))
-        yield Plane(plan, router_url, urls, session)
+            for port, url in zip(ports[role], urls[role], strict=True):
+                options = WorkerOptions(
+                    role=plan.server_role(role), host="127.0.0.1", port=port, kv_blocks=kv_blocks
+                )
+                server: PrefillServer | DecodeServer | FFNWorker
+                if role == "prefill":
+                    server = PrefillServer(plan, options)
+                elif role == "ffn":
+                    server = FFNWorker(plan, options)
+                else:
+                    server = DecodeServer(plan, options, options.role)
+                servers[url] = server
+                runners[url] = await stack.enter_async_context(serving(server.app(), port))
+        for url in servers:
+            await wait_ready(session, url)
+        router = Router(
+            plan, RouterOptions(host="127.0.0.1", port=router_port, refresh_s=refresh_s)
+        )
+        await stack.enter_async_context(serving(router.app(), router_port))
+        yield Plane(
+            plan, f"http://127.0.0.1:{router_port}", urls, session, router, servers, runners
+        )
 
 
 async def post(
@@ -648,6 +666,50 @@ def test_a_decode_worker_restarted_on_the_same_port_gets_the_next_request() -> N
     run(scenario())
 
 
+def retries(p: Plane, role: str) -> float:
+    value = p.routing.metrics.registry.get_sample_value(
+        "kleave:router_retries_total", {"model_name": "tiny", "role": role}
+    )
+    return value or 0.0
+
+
+def test_a_worker_failure_before_the_first_token_is_retried_on_another_worker(
+    reference: list[list[int]],
+) -> None:
+    """A dead prefill worker, then a decode worker whose KV receiver is gone: each request
+    still gets generate_greedy's tokens from the other worker; with every decode worker
+    broken the error names both. The router never re-probes (refresh 60 s), so it sends the
+    first attempt to the broken worker every time."""
+
+    async def scenario() -> None:
+        counts = {"prefill": 2, "decode": 2}
+        async with plane("PD", counts=counts, refresh_s=60) as p:
+            prompt = PROMPTS[0]
+            preferred = rendezvous_order(p.workers["prefill"], prefix_key(prompt, 16))[0]
+            await p.runners[preferred].cleanup()  # the prompt's prefill worker dies
+            assert await completion_tokens(p, prompt, 24) == reference[0]
+            assert retries(p, "prefill") == 1 and retries(p, "decode") == 0
+
+            broken = p.routing.pick("decode")  # the next request's first choice
+            server = p.servers[broken.url]
+            assert isinstance(server, DecodeServer) and server.receiver is not None
+            await server.receiver.close()  # its HTTP still answers; its KV port does not
+            assert await completion_tokens(p, prompt, 24) == reference[0]
+            assert retries(p, "decode") == 1
+
+            other = next(url for url in p.workers["decode"] if url != broken.url)
+            other_server = p.servers[other]
+            assert isinstance(other_server, DecodeServer) and other_server.receiver is not None
+            await other_server.receiver.close()
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 4}
+            status, answer = await post(p.session, f"{p.router}/v1/completions", body)
+            assert status == 502, answer
+            message = answer["error"]["message"]
+            assert broken.url in message and other in message and "after retrying" in message
+
+    run(scenario())
+
+
 async def info(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     async with session.get(f"{url}/v1/info") as response:
         result: dict[str, Any] = await response.json()
@@ -691,7 +753,8 @@ def test_an_attention_worker_waits_for_its_ffn_worker() -> None:
         async with AsyncExitStack() as stack:
             session = await stack.enter_async_context(aiohttp.ClientSession())
             attention = DecodeServer(plan, options, "attention")
-            url = await stack.enter_async_context(serving(attention.app(), ports["attention"]))
+            await stack.enter_async_context(serving(attention.app(), ports["attention"]))
+            url = urls["attention"][0]
             for _ in range(200):
                 async with session.get(f"{url}/readyz") as response:
                     reason = (await response.json()).get("error", {}).get("message", "")

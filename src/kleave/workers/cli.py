@@ -173,6 +173,13 @@ def serve(
 @click.option(
     "--worker-timeout", "worker_timeout_s", type=_POSITIVE, default=60.0, show_default=True
 )
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Times a request is sent to other workers after a failure before its first token.",
+)
 @click.option("--model-preset", default=None, help="Override the plan's model preset.")
 @click.option("--log-level", default="info", show_default=True)
 def router(
@@ -184,6 +191,7 @@ def router(
     imbalance: int,
     default_max_tokens: int,
     worker_timeout_s: float,
+    retries: int,
     model_preset: str | None,
     log_level: str,
 ) -> None:
@@ -205,6 +213,7 @@ def router(
         imbalance=imbalance,
         default_max_tokens=default_max_tokens,
         worker_timeout_s=worker_timeout_s,
+        retries=retries,
     )
     asyncio.run(run_router(plan, options))
 

@@ -188,6 +188,13 @@ class RouterMetrics:
             ["model_name", "role", "worker"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "kleave:router_retries",
+            "Requests sent again to other workers after a worker of `role` failed them "
+            "before their first token.",
+            ["model_name", "role"],
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "kleave:router_time_to_first_token_seconds",
             "Time to first token as the router's clients see it.",

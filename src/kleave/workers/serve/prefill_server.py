@@ -5,6 +5,9 @@ prompt through the model layer by layer and hands each layer's K/V to ``KVSender
 the moment it exists, so layer i is on the wire while layer i+1 computes (the sender's writer
 thread overlaps the two). It answers with the first token once the last byte is written:
 the router then starts the decode worker's stream, whose receiver already holds the K/V.
+A 502 that the decode worker caused (its receiver refused the connection or went away
+mid-transfer) names ``decode`` as its ``param``, so the router retries on another decode
+worker rather than blaming this one.
 
 Prefills run one at a time, first come first served: a prefill saturates the model thread
 and interleaving two only delays both first tokens. Connections to decode workers are kept
@@ -153,7 +156,7 @@ class PrefillServer:
                     sender = await KVSender.connect(*peer, timeout=5.0)
                 except KVTransferError as error:
                     raise ApiError(
-                        502, f"decode worker KV receiver {peer[0]}:{peer[1]}: {error}"
+                        502, f"decode worker KV receiver {peer[0]}:{peer[1]}: {error}", "decode"
                     ) from None
                 self._senders[peer] = sender
             return sender
@@ -232,7 +235,9 @@ class PrefillServer:
             stats = await sender.end(request_id)
         except KVTransferError as error:
             await self._drop(peer, sender)
-            raise ApiError(502, f"KV transfer to decode worker {where} failed: {error}") from None
+            raise ApiError(
+                502, f"KV transfer to decode worker {where} failed: {error}", "decode"
+            ) from None
         except BaseException:
             with contextlib.suppress(Exception):
                 await sender.abort(request_id, "the prefill failed")

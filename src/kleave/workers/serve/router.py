@@ -3,7 +3,8 @@
 Per request: pick a prefill worker by load and prefix locality and a decode worker by load
 (routing.py); ask the prefill worker to prefill the prompt and send its K/V to the decode
 worker's KV receiver; then stream the decode worker's tokens to the client as OpenAI chunks.
-Colocated plans skip the prefill hop. Errors before the first token are HTTP errors (400
+Colocated plans skip the prefill hop. A worker failure before the first token is retried on
+other workers (`Generation`). Errors before the first token are HTTP errors (400
 naming the field, 404 for another model, 503 when a pool has no ready worker, 502 naming the
 worker that failed); after it, an SSE ``error`` event, which OpenAI's client raises as an
 ``APIError``; the stream then ends without ``[DONE]``, so a truncated answer never looks
@@ -21,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ from kleave.workers.serve.metrics import RouterMetrics
 from kleave.workers.serve.openai_api import GenerationRequest, StopMatcher
 from kleave.workers.serve.plan import ServingPlan
 from kleave.workers.serve.routing import WorkerState, choose_prefill, least_loaded
-from kleave.workers.serve.worker_client import post_json, stream_events
+from kleave.workers.serve.worker_client import WorkerFailedError, post_json, stream_events
 from kleave.workers.tokenizer import ByteTokenizer, IncrementalDecoder
 
 log = logging.getLogger(__name__)
@@ -57,22 +58,61 @@ class RouterOptions:
     default_max_tokens: int = 256  # chat requests without max_tokens
     worker_timeout_s: float = 60.0  # longest silence from a worker before the request fails
     block_size: int = 16  # the prefix-locality key's length in tokens (the KV page size)
+    retries: int = 2  # attempts on other workers after a failure before the first token
 
 
 class Generation:
-    """One request's trip through the pools; `tokens()` yields, then `finish_reason` is set."""
+    """One request's trip through the pools; `tokens()` yields, then `finish_reason` is set.
+
+    A failure before the first token reaches the client is retried on other workers (up to
+    `RouterOptions.retries` times): a prefill worker that died, a decode worker whose KV
+    receiver is gone, a decode worker that failed before streaming. Each attempt avoids every
+    worker an earlier one blamed and uses a fresh request id, so a decode worker holding a
+    half-received transfer from the failed attempt never mistakes the retry for it. Once a
+    token has been streamed the request fails instead (the client has part of an answer).
+    """
 
     def __init__(self, router: Router, request: GenerationRequest) -> None:
         self.router = router
         self.request = request
         self.finish_reason = "length"
+        self.attempts = 0
 
     async def tokens(self) -> AsyncGenerator[int, None]:
+        router = self.router
+        avoid: set[WorkerState] = set()
+        failures: list[WorkerFailedError] = []
+        while True:
+            request_id = self.request.id if not failures else f"{self.request.id}.{len(failures)}"
+            self.attempts += 1
+            streamed = False
+            try:
+                async with contextlib.aclosing(self._attempt(request_id, avoid)) as attempt:
+                    async for token in attempt:
+                        streamed = True
+                        yield token
+                return
+            except WorkerFailedError as error:
+                if streamed or not self._can_retry(error, avoid, len(failures)):
+                    raise _with_earlier(error, failures) from None
+                failures.append(error)
+                avoid.add(error.worker)
+                router.metrics.retries.labels(router.plan.model, error.worker.role).inc()
+                log.warning("request %s: %s; retrying", self.request.id, error.message)
+
+    def _can_retry(self, error: WorkerFailedError, avoid: set[WorkerState], retried: int) -> bool:
+        """Retries are left and the failed worker's pool has another ready worker."""
+        if retried >= self.router.options.retries:
+            return False
+        role = error.worker.role
+        return any(w is not error.worker for w in self.router.ready_workers(role, avoid))
+
+    async def _attempt(self, request_id: str, avoid: set[WorkerState]) -> AsyncGenerator[int, None]:
         router, request = self.router, self.request
         plan = router.plan
-        decode = router.pick(plan.decode_role)
+        decode = router.pick(plan.decode_role, avoid=avoid)
         body: dict[str, Any] = {
-            "request_id": request.id,
+            "request_id": request_id,
             "prompt_tokens": request.prompt_tokens,
             "sampling": request.params.to_dict(),
             "stream": "ndjson",
@@ -82,7 +122,7 @@ class Generation:
         )
         self._check_fits(decode)
         if plan.topology != "Colocated":
-            body["first_token"] = await self._prefill(decode, timeout)
+            body["first_token"] = await self._prefill(request_id, decode, avoid, timeout)
         with router.track(decode):
             async for event in stream_events(router.session, decode, "/v1/generate", body, timeout):
                 if "token" in event:
@@ -110,12 +150,18 @@ class Generation:
                 "max_tokens",
             )
 
-    async def _prefill(self, decode: WorkerState, timeout: aiohttp.ClientTimeout) -> int:
+    async def _prefill(
+        self,
+        request_id: str,
+        decode: WorkerState,
+        avoid: set[WorkerState],
+        timeout: aiohttp.ClientTimeout,
+    ) -> int:
         router, request = self.router, self.request
         kv = decode.kv_address
         if kv is None:
             raise ApiError(503, f"{decode.role} worker {decode.url} reports no KV receiver port")
-        ready = router.ready_workers("prefill")
+        ready = router.ready_workers("prefill", avoid)
         if not ready:
             raise router.no_worker("prefill")
         choice = choose_prefill(
@@ -127,14 +173,34 @@ class Generation:
         outcome = "hit" if choice.affinity else "override"
         router.metrics.prefix_hits.labels(router.plan.model, outcome).inc()
         body = {
-            "request_id": request.id,
+            "request_id": request_id,
             "prompt_tokens": request.prompt_tokens,
             "sampling": request.params.to_dict(),
             "decode": kv,
         }
         with router.track(choice.worker):
-            result = await post_json(router.session, choice.worker, "/v1/prefill", body, timeout)
+            try:
+                result = await post_json(
+                    router.session, choice.worker, "/v1/prefill", body, timeout
+                )
+            except WorkerFailedError as error:
+                if error.worker_param != "decode":
+                    raise
+                # The prefill worker is fine; the decode worker's KV receiver failed it.
+                decode.failures += 1
+                decode.last_error = f"KV transfer from {choice.worker.url} failed"
+                raise WorkerFailedError(
+                    decode, f"did not take the K/V from {choice.worker.url}: {error.detail}"
+                ) from None
         return int(result["first_token"])
+
+
+def _with_earlier(error: WorkerFailedError, earlier: list[WorkerFailedError]) -> ApiError:
+    """The last failure, saying what the attempts before it hit."""
+    if not earlier:
+        return error
+    before = "; ".join(e.message for e in earlier)
+    return ApiError(error.status, f"{error.message} (after retrying: {before})", error.param)
 
 
 class Router:
@@ -229,8 +295,8 @@ class Router:
             return
         worker.ready = True
 
-    def ready_workers(self, role: str) -> list[WorkerState]:
-        return [w for w in self.workers[role].values() if w.ready]
+    def ready_workers(self, role: str, avoid: Collection[WorkerState] = ()) -> list[WorkerState]:
+        return [w for w in self.workers[role].values() if w.ready and w not in avoid]
 
     def no_worker(self, role: str) -> ApiError:
         pool = self.plan.pool(role)
@@ -239,8 +305,8 @@ class Router:
         why = why or self.resolve_errors.get(role) or "none found"
         return ApiError(503, f"no {role} worker is ready (pool {pool.url}): {why}")
 
-    def pick(self, role: str) -> WorkerState:
-        ready = self.ready_workers(role)
+    def pick(self, role: str, avoid: Collection[WorkerState] = ()) -> WorkerState:
+        ready = self.ready_workers(role, avoid)
         if not ready:
             raise self.no_worker(role)
         return least_loaded(ready)
@@ -256,7 +322,8 @@ class Router:
             yield
         except ApiError as error:
             if error.status >= 500:
-                self.metrics.worker_errors.labels(self.plan.model, worker.role, worker.url).inc()
+                failed = error.worker if isinstance(error, WorkerFailedError) else worker
+                self.metrics.worker_errors.labels(self.plan.model, failed.role, failed.url).inc()
             raise
         finally:
             worker.outstanding -= 1

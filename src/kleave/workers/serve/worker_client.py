@@ -22,11 +22,20 @@ _TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, ConnectionError)
 
 
 class WorkerFailedError(ApiError):
-    """A worker did not do its part; `worker` is the one to look at."""
+    """A worker did not do its part; `worker` is the one to look at.
 
-    def __init__(self, worker: WorkerState, message: str, status: int = 502) -> None:
-        super().__init__(status, f"{worker.role} worker {worker.url} {message}")
+    `detail` is what happened, without the worker's name; `param` is the field of the
+    worker's own request that its error named (a prefill worker names ``decode`` when the
+    decode worker it was to send the K/V to failed it).
+    """
+
+    def __init__(
+        self, worker: WorkerState, detail: str, status: int = 502, param: str | None = None
+    ) -> None:
+        super().__init__(status, f"{worker.role} worker {worker.url} {detail}")
         self.worker = worker
+        self.detail = detail
+        self.worker_param = param
 
 
 async def _error_of(response: aiohttp.ClientResponse) -> tuple[str, str | None]:
@@ -44,7 +53,7 @@ async def _raise_for(worker: WorkerState, response: aiohttp.ClientResponse) -> N
     message, param = await _error_of(response)
     if response.status in (400, 404, 409, 413):
         raise ApiError(response.status, message, param)
-    raise WorkerFailedError(worker, f"answered {response.status}: {message}")
+    raise WorkerFailedError(worker, f"answered {response.status}: {message}", param=param)
 
 
 def _failed(worker: WorkerState, error: BaseException) -> WorkerFailedError:
