@@ -53,8 +53,10 @@ def reference() -> list[list[int]]:
     return [generate_greedy(model, prompt, MAX_TOKENS) for prompt in PROMPTS]
 
 
-def start_plane(tmp: Path, topology: str, counts: dict[str, int]) -> LocalDataPlane:
-    plane = LocalDataPlane(topology=topology, state_dir=tmp, counts=counts)
+def start_plane(
+    tmp: Path, topology: str, counts: dict[str, int], kv_backend: str = "auto"
+) -> LocalDataPlane:
+    plane = LocalDataPlane(topology=topology, state_dir=tmp, counts=counts, kv_backend=kv_backend)
     plane.start()
     return plane
 
@@ -69,7 +71,9 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDataPlane]:
 @pytest.fixture(scope="module")
 def pdaf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDataPlane]:
     counts = {"prefill": 1, "attention": 1, "ffn": 2}
-    plane = start_plane(tmp_path_factory.mktemp("pdaf"), "PDAF", counts)
+    # PD runs the default (the shared-memory ring on one host), PDAF the socket: both
+    # backends between real processes.
+    plane = start_plane(tmp_path_factory.mktemp("pdaf"), "PDAF", counts, kv_backend="tcp")
     yield plane
     plane.stop()
 
@@ -96,12 +100,18 @@ def test_pd_processes_generate_exactly_generate_greedys_tokens(
     pd: LocalDataPlane, reference: list[list[int]]
 ) -> None:
     assert [greedy_tokens(pd, prompt) for prompt in PROMPTS] == reference
+    prefill = next(p for p in pd.processes if p.name.startswith("prefill"))
+    with urllib.request.urlopen(f"{prefill.url}/v1/info", timeout=10) as response:
+        assert json.load(response)["kv_backend"] == "shm"
 
 
 def test_pdaf_processes_generate_exactly_generate_greedys_tokens(
     pdaf: LocalDataPlane, reference: list[list[int]]
 ) -> None:
     assert [greedy_tokens(pdaf, prompt) for prompt in PROMPTS] == reference
+    prefill = next(p for p in pdaf.processes if p.name.startswith("prefill"))
+    with urllib.request.urlopen(f"{prefill.url}/v1/info", timeout=10) as response:
+        assert json.load(response)["kv_backend"] == "tcp"
     attention = pdaf.workers("attention")[0]
     metrics = urllib.request.urlopen(f"{attention.url}/metrics", timeout=5).read().decode()
     exchanges = next(

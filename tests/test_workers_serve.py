@@ -55,7 +55,7 @@ from kleave.workers.serve.routing import (
 from kleave.workers.serve.runtime import WorkerOptions
 from kleave.workers.serve.sampling import SamplingParams, sample
 from kleave.workers.tokenizer import BOS, EOS, ByteTokenizer
-from kleave.workers.transport.kv_transfer import KVReceiver
+from kleave.workers.transport.kv_transfer import Backend, KVReceiver
 
 HANG_GUARD = 120.0  # seconds; reached only when something is broken
 CONFIG = MODEL_PRESETS["tiny"]
@@ -467,6 +467,7 @@ async def plane(
     with_prefill: bool = True,
     counts: Mapping[str, int] | None = None,
     refresh_s: float = 0.2,
+    kv_backend: Backend = "tcp",
 ) -> AsyncIterator[Plane]:
     """Every server of `topology` (`counts` per role, default one) plus the router, in this
     event loop on real sockets."""
@@ -488,7 +489,11 @@ async def plane(
                 continue
             for port, url in zip(ports[role], urls[role], strict=True):
                 options = WorkerOptions(
-                    role=plan.server_role(role), host="127.0.0.1", port=port, kv_blocks=kv_blocks
+                    role=plan.server_role(role),
+                    host="127.0.0.1",
+                    port=port,
+                    kv_blocks=kv_blocks,
+                    kv_backend=kv_backend,
                 )
                 server: PrefillServer | DecodeServer | FFNWorker
                 if role == "prefill":
@@ -533,12 +538,15 @@ async def completion_tokens(p: Plane, prompt: list[int], max_tokens: int) -> lis
     return tokens
 
 
-@pytest.mark.parametrize("topology", ["Colocated", "PD", "PDAF"])
+@pytest.mark.parametrize(
+    ("topology", "kv_backend"),
+    [("Colocated", "tcp"), ("PD", "tcp"), ("PD", "shm"), ("PDAF", "tcp"), ("PDAF", "shm")],
+)
 def test_router_generates_generate_greedys_tokens(
-    topology: str, reference: list[list[int]]
+    topology: str, kv_backend: Backend, reference: list[list[int]]
 ) -> None:
     async def scenario() -> list[list[int]]:
-        async with plane(topology) as p:
+        async with plane(topology, kv_backend=kv_backend) as p:
             return list(
                 await asyncio.gather(*(completion_tokens(p, prompt, 24) for prompt in PROMPTS))
             )

@@ -45,12 +45,17 @@ from kleave.workers.transport.framing import (
     write_encoded,
 )
 from kleave.workers.transport.kv_transfer import (
+    PROTOCOL_VERSION,
+    Backend,
     BackendUnavailable,
     KVReceiver,
     KVSender,
     KVTransferError,
     layer_ranges,
 )
+
+# The KV backends every machine runs: the socket, and the shared-memory ring of one host.
+HOST_BACKENDS = pytest.mark.parametrize("backend", ["tcp", "shm"])
 
 HANG_GUARD = 60.0  # seconds; only ever reached when something is broken
 
@@ -204,7 +209,9 @@ import asyncio, json, sys
 from kleave.workers.transport.kv_transfer import KVSender
 
 async def main(args):
-    sender = await KVSender.connect("127.0.0.1", args["port"])
+    sender = await KVSender.connect(
+        "127.0.0.1", args["port"], backend=args["backend"], arena_bytes=args["arena_bytes"]
+    )
     rid, n = args["request_id"], args["num_layers"]
     await sender.begin(rid, {"num_layers": n, "prompt_tokens": [1, 2, 3], "first_token": 42})
     for layer in range(args.get("die_after", n)):
@@ -215,7 +222,9 @@ async def main(args):
         await asyncio.sleep(3600)  # killed here, mid-transfer
     stats = await sender.end(rid)
     await sender.close()
-    print(json.dumps({"bytes": stats.bytes, "layers": stats.layers, "seconds": stats.seconds}))
+    wrapped = sender.arena is not None and sender._head > sender.arena.capacity
+    print(json.dumps({"bytes": stats.bytes, "layers": stats.layers, "seconds": stats.seconds,
+                      "wrapped": wrapped}))
 
 asyncio.run(main(json.loads(sys.argv[1])))
 """
@@ -233,14 +242,23 @@ async def start_python(main: str, helpers: list[Callable[..., Any]], args: dict[
     )
 
 
-def test_kv_transfer_between_processes_is_bit_exact_with_right_stats() -> None:
+@HOST_BACKENDS
+def test_kv_transfer_between_processes_is_bit_exact_with_right_stats(backend: Backend) -> None:
     num_layers, seed = 6, 3
 
     async def scenario() -> None:
         receiver = KVReceiver()
         port = await receiver.start()
         try:
-            args = {"port": port, "request_id": "req-1", "num_layers": num_layers, "seed": seed}
+            args = {
+                "port": port,
+                "request_id": "req-1",
+                "num_layers": num_layers,
+                "seed": seed,
+                "backend": backend,
+                # 1.5 layers: the ring wraps several times and skips its tail end
+                "arena_bytes": 150_000,
+            }
             child = await start_python(SENDER_MAIN, [layer_kv], args)
             received = await receiver.receive("req-1", timeout=HANG_GUARD)
             out, _ = await child.communicate()
@@ -261,15 +279,25 @@ def test_kv_transfer_between_processes_is_bit_exact_with_right_stats() -> None:
             assert torch.equal(k, k_want) and torch.equal(v, v_want)
         assert received.bytes == stats["bytes"] == total
         assert stats["layers"] == num_layers and stats["seconds"] > 0 and received.seconds > 0
+        assert stats["wrapped"] is (backend == "shm")
 
     run(scenario())
 
 
-def test_a_sender_killed_mid_transfer_fails_the_receive_with_its_progress() -> None:
+@HOST_BACKENDS
+def test_a_sender_killed_mid_transfer_fails_the_receive_with_its_progress(backend: Backend) -> None:
     async def scenario() -> None:
         receiver = KVReceiver()
         port = await receiver.start()
-        args = {"port": port, "request_id": "req-k", "num_layers": 24, "seed": 1, "die_after": 3}
+        args = {
+            "port": port,
+            "request_id": "req-k",
+            "num_layers": 24,
+            "seed": 1,
+            "die_after": 3,
+            "backend": backend,
+            "arena_bytes": 1 << 20,
+        }
         child = await start_python(SENDER_MAIN, [layer_kv], args)
         try:
             assert child.stdout is not None
@@ -322,7 +350,7 @@ def test_a_corrupt_layer_fails_its_request_with_checksum_error_only() -> None:
         port = await receiver.start()
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            await send_message(writer, "kv_hello", {"version": 1})
+            await send_message(writer, "kv_hello", {"version": PROTOCOL_VERSION})
             for rid in ("bad", "good"):
                 await send_message(
                     writer, "kv_begin", {"request_id": rid, "meta": {"num_layers": 1}}
@@ -412,11 +440,12 @@ def test_send_layer_returns_before_the_bytes_are_written() -> None:
     run(scenario())
 
 
-def test_sender_refuses_misuse_and_reports_a_vanished_receiver() -> None:
+@HOST_BACKENDS
+def test_sender_refuses_misuse_and_reports_a_vanished_receiver(backend: Backend) -> None:
     async def scenario() -> None:
         receiver = KVReceiver()
         port = await receiver.start()
-        sender = await KVSender.connect("127.0.0.1", port)
+        sender = await KVSender.connect("127.0.0.1", port, backend=backend)
         try:
             with pytest.raises(ValueError, match="num_layers"):
                 await sender.begin("x", {})
@@ -451,11 +480,12 @@ def test_sender_refuses_misuse_and_reports_a_vanished_receiver() -> None:
     run(scenario())
 
 
-def test_an_idle_sender_sees_its_receiver_close() -> None:
+@HOST_BACKENDS
+def test_an_idle_sender_sees_its_receiver_close(backend: Backend) -> None:
     async def scenario() -> None:
         receiver = KVReceiver()
         port = await receiver.start()
-        sender = await KVSender.connect("127.0.0.1", port)
+        sender = await KVSender.connect("127.0.0.1", port, backend=backend)
         try:
             await sender.begin("r", {"num_layers": 1})
             sender.send_layer("r", 0, *layer_kv(0, 0))
@@ -475,6 +505,7 @@ def test_an_idle_sender_sees_its_receiver_close() -> None:
     run(scenario())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_gpu_backends_are_refused_with_a_reason() -> None:
     with pytest.raises(BackendUnavailable, match="cuda_ipc"):
         KVReceiver(backend="cuda_ipc")

@@ -13,9 +13,12 @@ import signal
 import time
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import click
+
+if TYPE_CHECKING:
+    from kleave.workers.transport.kv_transfer import Backend
 
 _POSITIVE = click.FloatRange(min=0.0, min_open=True)
 _ROLES = ("colocated", "prefill", "decode", "attention", "ffn")
@@ -69,7 +72,21 @@ _plan_option = click.option(
     help="ffn: activation port (0: any; attention workers read it from /v1/info).",
 )
 @click.option("--advertise-host", default=None, help="The address peers use for KV/activations.")
-@click.option("--kv-backend", default="tcp", show_default=True, help="tcp (nccl: see docs).")
+@click.option(
+    "--kv-backend",
+    type=click.Choice(["tcp", "shm", "cuda_ipc", "nccl"]),
+    default="tcp",
+    show_default=True,
+    help="prefill: how KV reaches decode. shm/cuda_ipc: a shared ring, both on one host "
+    "(cuda_ipc: one GPU); nccl is not built yet and moves KV over tcp (see docs/workers.md).",
+)
+@click.option(
+    "--kv-arena-mb",
+    type=_POSITIVE,
+    default=32.0,
+    show_default=True,
+    help="shm/cuda_ipc: the shared ring per decode peer (larger tensors go over the socket).",
+)
 @click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--expert-parallel", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--kv-blocks", type=click.IntRange(min=1), default=None, help="KV cache blocks.")
@@ -99,6 +116,7 @@ def serve(
     af_port: int,
     advertise_host: str | None,
     kv_backend: str,
+    kv_arena_mb: float,
     tensor_parallel: int,
     expert_parallel: int,
     kv_blocks: int | None,
@@ -123,11 +141,18 @@ def serve(
             "--tensor-parallel and --expert-parallel > 1 are not supported by `kleave workers "
             "serve` yet: set spec.pools.<role>.parallelism to 1"
         )
-    if kv_backend != "tcp":
+    from kleave.workers.transport.framing import TransportError
+    from kleave.workers.transport.kv_transfer import check_backend
+
+    if kv_backend == "nccl":
         logging.getLogger("kleave.workers").warning(
-            "--kv-backend %s is not implemented by the builtin workers yet; KV moves over tcp",
-            kv_backend,
+            "--kv-backend nccl is not implemented by the builtin workers yet; KV moves over tcp"
         )
+        kv_backend = "tcp"
+    try:
+        check_backend(kv_backend)
+    except TransportError as error:
+        raise _Failure(str(error)) from None
     try:
         plan = load_plan(plan_path, preset=model_preset, seed=seed)
         server_role = plan.server_role(role)
@@ -150,6 +175,8 @@ def serve(
         max_num_seqs=max_num_seqs,
         max_prefill_tokens=max_prefill_tokens,
         kv_timeout_s=kv_timeout_s,
+        kv_backend=cast("Backend", kv_backend),
+        kv_arena_mb=kv_arena_mb,
         weights=weights,
         torch_threads=torch_threads,
         device=device,
@@ -241,6 +268,13 @@ def router(
     help="Plan and logs [default: a new temporary directory].",
 )
 @click.option("--kv-blocks", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--kv-backend",
+    type=click.Choice(["auto", "tcp", "shm"]),
+    default="auto",
+    show_default=True,
+    help="P->D KV transfer; auto: shm (a shared ring) where /dev/shm exists, else tcp.",
+)
 def up(
     *,
     topology: str,
@@ -252,6 +286,7 @@ def up(
     seed: int,
     state_dir: Path | None,
     kv_blocks: int | None,
+    kv_backend: str,
 ) -> None:
     """The whole data plane as local processes, until Ctrl-C or SIGTERM."""
     import tempfile
@@ -269,6 +304,7 @@ def up(
         counts=counts[topology],
         router_port=port,
         seed=seed,
+        kv_backend=kv_backend,
         worker_args=("--kv-blocks", str(kv_blocks)) if kv_blocks else (),
     )
     stopping: list[int] = []

@@ -51,6 +51,14 @@ class LocalProcess:
         return self.process.pid if self.process is not None else None
 
 
+def local_kv_backend(choice: str) -> str:
+    """``auto`` for workers that all run on this host: the shared-memory ring, which beats the
+    loopback socket (docs/benchmarks.md), wherever there is a ``/dev/shm`` (not on macOS)."""
+    if choice != "auto":
+        return choice
+    return "shm" if os.path.isdir("/dev/shm") else "tcp"  # kv_arena.SHM_DIR; no torch here
+
+
 @dataclass
 class LocalDataPlane:
     """One topology's workers and router on this host (`start()`, then `stop()`)."""
@@ -61,6 +69,7 @@ class LocalDataPlane:
     counts: Mapping[str, int] = field(default_factory=dict)  # per pool role
     router_port: int = 0  # 0: a free port
     seed: int = 0
+    kv_backend: str = "auto"  # auto: shm (one host, so a shared ring works) where /dev/shm is
     worker_args: Sequence[str] = ()  # appended to every `workers serve`
     router_args: Sequence[str] = ()
     ready_timeout_s: float = 120.0
@@ -147,7 +156,7 @@ class LocalDataPlane:
             "--port",
             str(port),
             "--kv-backend",
-            "tcp",
+            local_kv_backend(self.kv_backend),
             "--torch-threads",
             "1",
             *self.worker_args,

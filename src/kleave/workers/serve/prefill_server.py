@@ -132,6 +132,7 @@ class PrefillServer:
             "running": self._running,
             "waiting": self._waiting,
             "decode_peers": sorted(f"{h}:{p}" for h, p in self._senders),
+            "kv_backend": self.options.kv_backend,
         }
 
     def _gauges(self) -> None:
@@ -153,7 +154,13 @@ class PrefillServer:
                 sender = None
             if sender is None:
                 try:
-                    sender = await KVSender.connect(*peer, timeout=5.0)
+                    sender = await KVSender.connect(
+                        *peer,
+                        timeout=5.0,
+                        backend=self.options.kv_backend,
+                        arena_bytes=int(self.options.kv_arena_mb * 2**20),
+                        device=self.options.device,
+                    )
                 except KVTransferError as error:
                     raise ApiError(
                         502, f"decode worker KV receiver {peer[0]}:{peer[1]}: {error}", "decode"

@@ -19,6 +19,7 @@ import torch
 from kleave.workers.kv_cache import PagedKVCache
 from kleave.workers.model import ModelPart, MoEDecoder
 from kleave.workers.serve.plan import PlanError, ServingPlan
+from kleave.workers.transport.kv_transfer import Backend
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class WorkerOptions:
     max_num_seqs: int = 64
     max_prefill_tokens: int = 2048
     kv_timeout_s: float = 30.0
+    kv_backend: Backend = "tcp"  # prefill: how KV reaches decode (the receiver takes what comes)
+    kv_arena_mb: float = 32.0  # shm/cuda_ipc: the shared ring per decode peer
     weights: Path | None = None
     torch_threads: int | None = None
     device: str = "cpu"

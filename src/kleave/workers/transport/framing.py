@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import json
 import math
+import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -353,3 +354,31 @@ async def _read_frame(reader: asyncio.StreamReader, who: str, expecting: str) ->
                 meta=meta,
             )
     return Frame(kind, name, meta, _tensor_of(header, buffer, who), nbytes)
+
+
+def _recv_exactly(sock: socket.socket, nbytes: int, who: str, what: str) -> bytes:
+    chunks, got = [], 0
+    while got < nbytes:
+        try:
+            chunk = sock.recv(nbytes - got)
+        except TimeoutError:
+            raise TransportTimeout(f"{who} sent no {what} in time") from None
+        except ConnectionError as e:
+            raise PeerGone(f"{who} reset the connection while {what} was expected") from e
+        if not chunk:
+            raise PeerGone(f"{who} closed the connection while {what} was expected")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_message(sock: socket.socket, *, who: str, expecting: str) -> Frame:
+    """Blocking read of one message frame (a handshake reply, before a writer thread owns
+    the socket); the socket's timeout bounds each read."""
+    (length,) = HEADER_PREFIX.unpack(_recv_exactly(sock, HEADER_PREFIX.size, who, expecting))
+    if length == 0 or length > MAX_HEADER_BYTES:
+        raise FrameError(f"{who} sent a frame header length of {length} bytes: not this protocol")
+    header = _parse_header(_recv_exactly(sock, length, who, f"the header of {expecting}"), who)
+    if header.get("dtype") is not None or header.get("nbytes"):
+        raise FrameError(f"{who} sent a tensor where {expecting} (a message) was expected")
+    return Frame(header["kind"], str(header.get("name", "")), header.get("meta") or {})

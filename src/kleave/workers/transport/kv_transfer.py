@@ -7,12 +7,20 @@ code: run on the event loop it would starve a writer task until the whole pass i
 run in an executor thread it calls ``send_layer`` from off the loop. Torch, hashlib and
 ``socket.sendall`` all release the GIL, so compute and the wire really proceed together.
 
-Wire (frames of ``framing``): ``kv_hello {version}`` once per connection, then per request
-``kv_begin {request_id, meta}``, two tensor frames ``k`` / ``v`` with ``{request_id, layer}``
-per layer, and ``kv_end {request_id, layers, bytes}`` (or ``kv_abort {request_id, reason}``).
-Requests may interleave on one connection. The receiver never writes back: a process killed
-with unread data from its peer makes its kernel answer with a reset, which could discard the
-layers that did arrive, and then the error could not say how far the transfer got.
+Wire (frames of ``framing``): ``kv_hello {version, arena?}`` once per connection, then per
+request ``kv_begin {request_id, meta}``, two tensor frames ``k`` / ``v`` with
+``{request_id, layer}`` per layer, and ``kv_end {request_id, layers, bytes}`` (or
+``kv_abort {request_id, reason}``). Requests may interleave on one connection. After the
+hello the receiver never writes back: a process killed with unread data from its peer makes
+its kernel answer with a reset, which could discard the layers that did arrive, and then the
+error could not say how far the transfer got.
+
+Backends: ``tcp`` puts the payload on the socket. ``shm`` and ``cuda_ipc`` (both ends on one
+machine) put it in a shared ring (``kv_arena``: ``/dev/shm`` for host memory, a CUDA IPC
+buffer on a shared GPU) that the hello describes; the receiver answers that one hello with
+``kv_welcome`` (attached, or why not), and each tensor frame becomes a ``kv_layer_ref``
+message saying where in the ring the bytes are. A tensor larger than the ring still goes on
+the socket, so any size works.
 
 The receiver turns every way a transfer can fail into ``KVTransferError`` naming the peer,
 the request and how far it got (a ``ChecksumError`` for a corrupt layer); ``receive`` has a
@@ -23,7 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import logging
+import math
+import os
 import queue
 import select
 import socket
@@ -36,23 +48,39 @@ from typing import Any, Literal
 import torch
 
 from kleave.workers.transport.framing import (
+    DTYPES,
+    OFFLOAD_BYTES,
     STREAM_LIMIT,
     ChecksumError,
     EncodedFrame,
     Frame,
     PeerGone,
     TransportError,
+    dtype_name,
     encode_message,
     encode_tensor,
     read_frame,
+    recv_message,
+    send_message,
+)
+from kleave.workers.transport.kv_arena import (
+    SHM_DIR,
+    ArenaBlock,
+    ArenaError,
+    ArenaKind,
+    SharedArena,
+    place,
 )
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the hello may offer a shared arena
 SEND_CHUNK = 1 << 20  # progress (written_bytes) is counted per chunk
-Backend = Literal["tcp", "cuda_ipc", "nccl"]
-BACKENDS: tuple[str, ...] = ("tcp", "cuda_ipc", "nccl")
+Backend = Literal["tcp", "shm", "cuda_ipc", "nccl"]
+BACKENDS: tuple[str, ...] = ("tcp", "shm", "cuda_ipc", "nccl")
+ARENA_KINDS: dict[str, ArenaKind] = {"shm": "shm", "cuda_ipc": "cuda"}
+DEFAULT_ARENA_BYTES = 32 << 20  # per connection; pods get 64 MiB of /dev/shm by default
+ARENA_WAIT_S = 30.0  # a receiver that frees no ring space for this long is stuck
 
 
 class KVTransferError(TransportError):
@@ -64,16 +92,22 @@ class BackendUnavailable(TransportError):  # noqa: N818 - names the state of the
 
 
 def check_backend(backend: str) -> None:
-    """Refuse GPU backends with a reason: they are never silently swapped for TCP."""
+    """Refuse a backend this process cannot run, with the reason: never swapped for TCP."""
     if backend == "tcp":
         return
     if backend not in BACKENDS:
         raise ValueError(f"unknown KV transfer backend {backend!r}: one of {', '.join(BACKENDS)}")
+    if backend in ARENA_KINDS and not os.path.isdir(SHM_DIR):
+        raise BackendUnavailable(f"KV transfer backend {backend!r} needs {SHM_DIR}; use tcp")
+    if backend == "shm":
+        return
     if not torch.cuda.is_available():
         raise BackendUnavailable(
             f"KV transfer backend {backend!r} needs a CUDA device and this process sees none "
             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use backend='tcp'"
         )
+    if backend == "cuda_ipc":
+        return
     raise BackendUnavailable(
         f"KV transfer backend {backend!r} is not implemented yet; backend='tcp' works on GPUs "
         "too (CUDA tensors are copied to the host before they go on the wire)"
@@ -106,7 +140,8 @@ class TransferStats:
 
 @dataclass(frozen=True)
 class ReceivedKV:
-    """A complete transfer: the sender's meta and ``layers[i] == (k_i, v_i)`` on the CPU."""
+    """A complete transfer: the sender's meta and ``layers[i] == (k_i, v_i)``, on the CPU
+    (``tcp``, ``shm``) or on the shared GPU (``cuda_ipc``)."""
 
     meta: dict[str, Any]
     layers: list[tuple[torch.Tensor, torch.Tensor]]
@@ -165,6 +200,25 @@ def _settle(marker: _Marker, result: float | BaseException) -> None:
         marker.loop.call_soon_threadsafe(settle)
 
 
+def _handshake(sock: socket.socket, peer: str, arena: SharedArena | None) -> None:
+    """Send the hello; with an arena, wait for the receiver to say it mapped it."""
+    hello: dict[str, Any] = {"version": PROTOCOL_VERSION}
+    if arena is not None:
+        hello["arena"] = arena.spec()
+    try:
+        sock.sendall(encode_message("kv_hello", hello).header)
+        if arena is None:
+            return
+        reply = recv_message(sock, who=f"decode peer {peer}", expecting="its kv_welcome")
+    except (OSError, TransportError) as e:
+        raise KVTransferError(f"the KV handshake with decode peer {peer} failed: {e}") from e
+    if reply.kind != "kv_welcome" or "error" in reply.meta:
+        reason = reply.meta.get("error", f"it answered {reply.kind}")
+        raise KVTransferError(
+            f"decode peer {peer} cannot use the shared {arena.kind} KV arena: {reason}"
+        )
+
+
 class KVSender:
     """One connection from a prefill worker to a decode worker's ``KVReceiver``.
 
@@ -174,9 +228,19 @@ class KVSender:
     place until ``end`` returns (fresh tensors per layer, or cache blocks not yet reused).
     """
 
-    def __init__(self, sock: socket.socket, peer: str, *, checksum: bool = True) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        *,
+        checksum: bool = True,
+        arena: SharedArena | None = None,
+    ) -> None:
         self.peer = peer
         self.checksum = checksum
+        self.arena = arena
+        self._head = 0  # the ring position the next block goes after (the writer's only)
+        self.arena_wait_s = ARENA_WAIT_S
         self._sock = sock
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -197,19 +261,35 @@ class KVSender:
         timeout: float = 10.0,
         backend: Backend = "tcp",
         checksum: bool = True,
+        arena_bytes: int = DEFAULT_ARENA_BYTES,
+        device: torch.device | str | None = None,
     ) -> KVSender:
-        """Connect to a decode worker's receiver (``timeout`` bounds the TCP connect)."""
+        """Connect to a decode worker's receiver (``timeout`` bounds the connect and the
+        handshake). ``shm``/``cuda_ipc`` create an ``arena_bytes`` ring (on ``device`` for
+        ``cuda_ipc``) and fail unless the receiver maps it: both must share the machine."""
         check_backend(backend)
         peer = f"{host}:{port}"
         try:
             sock = await asyncio.to_thread(socket.create_connection, (host, port), timeout)
         except OSError as e:
             raise KVTransferError(f"cannot connect to decode peer {peer}: {e}") from e
+        arena: SharedArena | None = None
+        try:
+            if backend in ARENA_KINDS:
+                arena = await asyncio.to_thread(
+                    SharedArena.create, ARENA_KINDS[backend], arena_bytes, device=device
+                )
+            await asyncio.to_thread(_handshake, sock, peer, arena)
+        except BaseException as e:
+            if arena is not None:
+                arena.close()
+            sock.close()
+            if isinstance(e, ArenaError):
+                raise KVTransferError(f"KV transfer to decode peer {peer}: {e}") from e
+            raise
         sock.settimeout(None)  # the writer thread blocks; close() unblocks it by shutting down
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sender = cls(sock, peer, checksum=checksum)
-        sender._queue.put(_MessageItem(encode_message("kv_hello", {"version": PROTOCOL_VERSION})))
-        return sender
+        return cls(sock, peer, checksum=checksum, arena=arena)
 
     # -- progress, for callers and tests that check the overlap without clocks --
 
@@ -239,6 +319,13 @@ class KVSender:
         instead of writing into a socket the kernel would still buffer and then drop."""
         if self._closed or self._error is not None:
             return True
+        if self.arena is not None and self.arena.peer_closed:
+            return True
+        return self._sock_closed()
+
+    def _sock_closed(self) -> bool:
+        """The receiver's end of the socket is gone: readable means end of stream or a reset
+        (or bytes the protocol never sends after the hello)."""
         try:
             readable, _, _ = select.select([self._sock], [], [], 0)
         except (OSError, ValueError):  # closed underneath us
@@ -251,7 +338,7 @@ class KVSender:
             return False
         except OSError:
             return True  # reset
-        return True  # end of stream (or bytes the protocol never sends)
+        return True
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -356,6 +443,8 @@ class KVSender:
             self._sock.shutdown(socket.SHUT_RDWR)  # unblocks a writer stuck on a full socket
         await asyncio.to_thread(self._thread.join)
         self._sock.close()
+        if self.arena is not None:
+            self.arena.close()
 
     # -- the writer thread --
 
@@ -379,8 +468,44 @@ class KVSender:
             item.ready.synchronize()
         for name, tensor in (("k", item.k), ("v", item.v)):
             meta = {"request_id": item.request_id, "layer": item.layer}
+            nbytes = tensor.numel() * tensor.element_size()
+            arena = self.arena
+            if arena is not None and 0 < nbytes <= arena.capacity:
+                self._send(self._to_arena(arena, name, tensor, meta), counted=False)
+                with self._lock:
+                    self._written_bytes += nbytes
+                continue
             frame = encode_tensor(name, tensor, kind="kv_layer", meta=meta, checksum=self.checksum)
             self._send(frame, counted=True)
+
+    def _to_arena(
+        self, arena: SharedArena, name: str, tensor: torch.Tensor, meta: dict[str, Any]
+    ) -> EncodedFrame:
+        """Copy ``tensor`` into the ring (waiting for space) and describe where it is."""
+        nbytes = tensor.numel() * tensor.element_size()
+        header = {
+            **meta,
+            "name": name,
+            "dtype": dtype_name(tensor.dtype),
+            "shape": list(tensor.shape),
+        }
+        block = place(self._head, nbytes, arena.capacity)
+        arena.wait_for_space(
+            block.needs,
+            timeout=self.arena_wait_s,
+            alive=lambda: not self._sock_closed(),
+            peer=self.peer,
+        )
+        start = block.start
+        arena.write(start, tensor)
+        self._head = block.end
+        header.update(start=start, nbytes=nbytes, end=block.end)
+        if self.checksum and arena.kind == "shm":
+            assert arena.data is not None
+            offset = start % arena.capacity
+            view: Any = arena.data[offset : offset + nbytes].numpy()
+            header["sha256"] = hashlib.sha256(memoryview(view)).hexdigest()
+        return encode_message("kv_layer_ref", header)
 
     def _run(self) -> None:
         while True:
@@ -399,6 +524,8 @@ class KVSender:
                     f"decode peer {self.peer} went away while we were sending ({e}); "
                     "the requests in flight on this connection are lost"
                 )
+            except TransportError as e:  # the shared arena: the receiver stopped reading
+                self._error = KVTransferError(f"KV transfer to {self.peer} failed: {e}")
             except Exception as e:  # an unsendable tensor: fail loudly, keep the thread sane
                 self._error = KVTransferError(f"KV sender to {self.peer} failed: {e!r}")
                 log.exception("KV sender to %s failed", self.peer)
@@ -538,13 +665,21 @@ class KVReceiver:
         address = writer.get_extra_info("peername")
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         owned: dict[str, _Incoming] = {}
+        arena: SharedArena | None = None
         try:
-            await self._hello(reader, peer)
+            hello = await self._hello(reader, peer)
+            if "arena" in hello:
+                arena = await self._attach(hello["arena"], writer, peer)
             while True:
                 try:
                     frame = await read_frame(
                         reader, timeout=None, peer=peer, expecting="the next KV frame"
                     )
+                    if frame.kind == "kv_layer_ref":
+                        from_arena = await self._from_arena(arena, frame, owned, peer)
+                        if from_arena is None:
+                            continue
+                        frame = from_arena
                 except ChecksumError as e:
                     self._corrupt(e, owned, peer)
                     continue
@@ -561,11 +696,13 @@ class KVReceiver:
             self._fail_owned(owned, f"the KV receiver failed on the stream from {peer}", f": {e!r}")
         finally:
             self._connections.discard(task)
+            if arena is not None:
+                arena.close()
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _hello(self, reader: asyncio.StreamReader, peer: str) -> None:
+    async def _hello(self, reader: asyncio.StreamReader, peer: str) -> dict[str, Any]:
         hello = await read_frame(
             reader, timeout=self.hello_timeout, peer=peer, expecting="a kv_hello"
         )
@@ -575,6 +712,74 @@ class KVReceiver:
                 f"{peer} is not a KV sender of protocol {PROTOCOL_VERSION} "
                 f"(first frame {hello.kind} version {version!r})"
             )
+        return hello.meta
+
+    @staticmethod
+    async def _attach(spec: Any, writer: asyncio.StreamWriter, peer: str) -> SharedArena:
+        """Map the arena the sender offered and say so (the one reply on this socket)."""
+        try:
+            arena = await asyncio.to_thread(SharedArena.attach, spec)
+        except ArenaError as e:
+            log.warning("refusing the shared KV arena of prefill peer %s: %s", peer, e)
+            await send_message(writer, "kv_welcome", {"error": str(e)})
+            raise TransportError(f"cannot map the shared KV arena of {peer}: {e}") from e
+        await send_message(writer, "kv_welcome", {"arena": arena.kind})
+        return arena
+
+    @staticmethod
+    async def _from_arena(
+        arena: SharedArena | None, frame: Frame, owned: dict[str, _Incoming], peer: str
+    ) -> Frame | None:
+        """The tensor frame a ``kv_layer_ref`` stands for, copied out of the ring (None when
+        its request is no longer wanted). The ring space is released either way."""
+        if arena is None:
+            raise TransportError(f"{peer} sent a shared-arena KV frame without offering an arena")
+        meta = frame.meta
+        block = ArenaBlock.of(meta)
+        try:
+            request_id, name, layer = (
+                str(meta.get("request_id")),
+                str(meta.get("name")),
+                meta.get("layer"),
+            )
+            state = owned.get(request_id)
+            if state is None or state.done.is_set():
+                return None
+            dtype, shape = DTYPES.get(str(meta.get("dtype"))), meta.get("shape")
+            if (
+                dtype is None
+                or not isinstance(shape, list)
+                or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or math.prod(shape) * torch.empty((), dtype=dtype).element_size() != block.nbytes
+            ):
+                raise TransportError(
+                    f"{peer} described tensor {name!r} as {meta.get('dtype')} {shape} in "
+                    f"{block.nbytes} bytes of the arena, which do not match"
+                )
+            big = block.nbytes > OFFLOAD_BYTES
+            read = functools.partial(arena.read, block.start, block.nbytes, dtype, shape)
+            tensor = await asyncio.to_thread(read) if big else read()
+            expected = meta.get("sha256")
+            if expected is not None:
+                flat: Any = tensor.reshape(-1).view(torch.uint8).numpy()
+                digest = functools.partial(
+                    lambda b: hashlib.sha256(b).hexdigest(), memoryview(flat)
+                )
+                actual = await asyncio.to_thread(digest) if big else digest()
+                if actual != expected:
+                    raise ChecksumError(
+                        f"tensor {name!r} of request {request_id} layer {layer} from {peer} is "
+                        f"corrupt in the shared arena: SHA-256 {actual[:16]}..., descriptor "
+                        f"says {str(expected)[:16]}...",
+                        kind="kv_layer",
+                        name=name,
+                        meta={"request_id": request_id, "layer": layer},
+                    )
+        finally:
+            arena.release(block.end)
+        return Frame(
+            "kv_layer", name, {"request_id": request_id, "layer": layer}, tensor, block.nbytes
+        )
 
     @staticmethod
     def _fail_owned(owned: dict[str, _Incoming], what: str, detail: str = "") -> None:
