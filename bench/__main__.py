@@ -14,11 +14,19 @@ def workers_cpu() -> str:
     return workers_cpu.main()
 
 
+def kv_transfer() -> str:
+    """Imported when run, like workers_cpu."""
+    from bench import kv_transfer
+
+    return kv_transfer.main()
+
+
 BENCHMARKS = {
     "devcluster": devcluster.main,
     "inference": inference_deployments.main,
     "planner": planner_pareto.main,
     "workers": workers_cpu,
+    "kv": kv_transfer,
 }
 
 

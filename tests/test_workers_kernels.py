@@ -573,11 +573,16 @@ def test_bench_plumbing_on_the_cpu_renders_markdown_and_json() -> None:
         moe_shape=dataclasses.asdict(moe),
         attention=[row],
         moe=[moe_row],
+        kv_transfer=[
+            {"size_mb": 64, "backend": "cuda_ipc", "ms": 1.0, "gbps": 67.1, "vs_copy": 0.5},
+            {"size_mb": 64, "backend": "tcp", "ms": 40.0, "gbps": 1.7, "vs_copy": 0.01},
+        ],
         notes=["a note"],
     )
     text = bench_kernels.render_markdown(report)
     assert "| context | kernel us | GB/s | vs copy |" in text
     assert "| 64 |" in text and "| 8 |" in text and "Note: a note" in text
+    assert "| 64 MiB | cuda_ipc | 1.00 | 67 | 0.50 | 40.0x |" in text
     assert json.loads(json.dumps(dataclasses.asdict(report)))["moe"][0]["tokens"] == 8
 
 

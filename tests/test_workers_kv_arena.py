@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from kleave.workers.bench_kv import measure
 from kleave.workers.transport.framing import (
     ChecksumError,
     read_frame,
@@ -187,3 +188,14 @@ def test_a_block_changed_in_the_ring_fails_only_its_request() -> None:
             arena.close()
 
     run(scenario())
+
+
+def test_the_kv_benchmark_measures_both_host_backends_between_processes() -> None:
+    """bench_kv's plumbing at a toy size: real transfers through a child process (the
+    numbers mean nothing on a shared CI box; docs/benchmarks.md has measured ones)."""
+    for backend in ("tcp", "shm"):
+        result = measure(backend, 1 << 20, layers=4, repeats=1, baseline_gbps=1.0)
+        assert result.backend == backend and result.size_bytes == 1 << 20
+        assert result.seconds > 0 and result.gbps == pytest.approx((1 << 20) / result.seconds / 1e9)
+        assert result.vs_copy == pytest.approx(result.gbps)
+    assert our_arena_files() == []

@@ -4,9 +4,11 @@ Paged decode attention is memory-bound, so it is scored in GB/s of K/V (plus q a
 against the device's own copy bandwidth measured in the same run, and timed against a torch
 baseline (gather the pages, matmul, softmax, matmul). Fused MoE is compute-bound at prefill
 sizes, so it is scored in TFLOP/s against one torch.matmul doing the same FLOPs, and timed
-against the per-expert loop most model code starts from. Every number is measured here with
-CUDA events (warmup, then the median of repeats); without a CUDA device the command refuses
-instead of printing anything that would look like a measurement.
+against the per-expert loop most model code starts from. KV transfer is a sender process's
+K/V reaching this process's GPU, ``cuda_ipc`` against ``tcp`` (``bench_kv``), scored against
+one device copy of the same bytes. Kernel numbers are CUDA-event medians after warmup, KV
+transfers wall-clock medians; without a CUDA device the command refuses instead of printing
+anything that would look like a measurement.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class Report:
     moe_shape: dict[str, int]
     attention: list[dict[str, float]] = field(default_factory=list)
     moe: list[dict[str, float]] = field(default_factory=list)
+    kv_transfer: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -129,6 +132,30 @@ def copy_bandwidth(*, repeats: int, size_bytes: int = 2 << 30) -> float:
     dst = torch.empty_like(src)
     seconds = time_cuda(lambda: dst.copy_(src), warmup=3, repeats=repeats)
     return 2 * size_bytes / seconds / 1e9
+
+
+def bench_kv_transfer(
+    backend: str, size_mb: int, *, copy_gbps: float, arena_mb: int, repeats: int
+) -> dict[str, Any]:
+    """One KV transfer row: a sender process on this GPU to this process (bench_kv)."""
+    from kleave.workers.bench_kv import measure
+
+    run = measure(
+        backend,
+        size_mb << 20,
+        repeats=max(3, min(repeats, 10)),
+        device="cuda",
+        checksum=False,
+        arena_bytes=arena_mb << 20,
+        baseline_gbps=copy_gbps / 2,  # bytes moved by one copy, not read + written
+    )
+    return {
+        "size_mb": size_mb,
+        "backend": backend,
+        "ms": run.seconds * 1e3,
+        "gbps": run.gbps,
+        "vs_copy": run.vs_copy,
+    }
 
 
 def torch_decode_attention(
@@ -296,6 +323,21 @@ def render_markdown(report: Report) -> str:
             for r in report.moe
         ]
         lines.append("")
+    if report.kv_transfer:
+        lines += [
+            "## KV transfer between two processes on this GPU (8 layers of K and V)",
+            "",
+            "| size | backend | ms | GB/s | vs copy | vs tcp |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+        tcp = {r["size_mb"]: r for r in report.kv_transfer if r["backend"] == "tcp"}
+        lines += [
+            f"| {r['size_mb']} MiB | {r['backend']} | {r['ms']:,.2f} | {r['gbps']:,.0f} | "
+            f"{r['vs_copy']:.2f} | "
+            + (f"{tcp[r['size_mb']]['ms'] / r['ms']:.1f}x |" if r["size_mb"] in tcp else "- |")
+            for r in report.kv_transfer
+        ]
+        lines.append("")
     lines += [f"Note: {note}" for note in report.notes]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -342,10 +384,23 @@ def bench() -> None:
     help="MoE experts (halved until the weights fit in GPU memory; the output says so).",
 )
 @click.option("--top-k", default=8, show_default=True, help="Experts per token.")
+@click.option(
+    "--kv-sizes",
+    default="16,64,256",
+    show_default=True,
+    callback=_ints,
+    help="KV transfer sizes in MiB (one request's K and V).",
+)
+@click.option(
+    "--kv-arena-mb",
+    default=256,
+    show_default=True,
+    help="cuda_ipc: the shared ring (the workers' --kv-arena-mb).",
+)
 @click.option("--repeats", default=20, show_default=True, help="Timed repeats (median).")
 @click.option(
     "--only",
-    type=click.Choice(["all", "attention", "moe"]),
+    type=click.Choice(["all", "attention", "moe", "kv"]),
     default="all",
     show_default=True,
     help="Which kernels to run.",
@@ -360,11 +415,14 @@ def kernels(
     intermediate: int,
     experts: int,
     top_k: int,
+    kv_sizes: list[int],
+    kv_arena_mb: int,
     repeats: int,
     only: str,
 ) -> None:
-    """Paged decode attention (GB/s vs copy bandwidth and torch) and fused MoE (TFLOP/s vs
-    one torch.matmul and vs the per-expert loop), measured on this machine's GPU."""
+    """Paged decode attention (GB/s vs copy bandwidth and torch), fused MoE (TFLOP/s vs
+    one torch.matmul and vs the per-expert loop) and P->D KV transfer between two processes
+    (cuda_ipc vs tcp, GB/s vs copy bandwidth), measured on this machine's GPU."""
     try:
         import torch
     except ImportError:
@@ -382,6 +440,8 @@ def kernels(
             moe_shape=moe_shape,
             contexts=contexts,
             tokens=tokens,
+            kv_sizes=kv_sizes,
+            kv_arena_mb=kv_arena_mb,
             repeats=repeats,
             only=only,
         )
@@ -396,6 +456,8 @@ def _run(
     tokens: list[int],
     repeats: int,
     only: str,
+    kv_sizes: tuple[int, ...] | list[int] = (),
+    kv_arena_mb: int = 256,
 ) -> Report:
     import torch
 
@@ -436,6 +498,22 @@ def _run(
         for count in tokens:
             progress(f"fused MoE, {count} tokens")
             report.moe.append(bench_moe(moe_shape, count, (w_gate_up, w_down), repeats=repeats))
+    if only in ("all", "kv"):
+        for size_mb in kv_sizes:
+            for backend in ("cuda_ipc", "tcp"):
+                progress(f"KV transfer, {size_mb} MiB over {backend}")
+                report.kv_transfer.append(
+                    bench_kv_transfer(
+                        backend, size_mb, copy_gbps=copy_gbps, arena_mb=kv_arena_mb, repeats=repeats
+                    )
+                )
+        report.notes.append(
+            "KV transfer: one request's K/V from a sender process's GPU tensors until they are "
+            "on the GPU in the receiving process (tcp: via host memory and the loopback "
+            "socket), median of the repeats, no SHA-256; 'vs copy' is against one "
+            "device-to-device copy of the same bytes (half the read + written copy rate). "
+            f"cuda_ipc copies into the {kv_arena_mb} MiB shared ring and out of it: two copies"
+        )
     report.notes.append(
         "decode attention: every sequence at the full context, pages in random order; "
         "MoE: uniform random routing; times are CUDA-event medians after warmup"
