@@ -839,3 +839,39 @@ def test_a_seeded_sampled_request_gets_the_same_tokens_in_every_topology() -> No
     colocated, pd, pdaf = (run(sampled(t)) for t in ("Colocated", "PD", "PDAF"))
     assert colocated == pd == pdaf
     assert colocated[0] != colocated[1]  # the seed matters
+
+
+def test_prompts_sharing_a_prefix_reuse_its_kv_on_the_prefill_worker(model: MoEDecoder) -> None:
+    """A system prompt's full blocks are computed once: the next prompts that start with it
+    prefill only their own tokens, and still decode exactly generate_greedy's tokens."""
+    system = [BOS, *b"You are kleave's test assistant; answer briefly."]  # 50 tokens
+    prompts = [system + list(b"What is PD?"), system + list(b"And PDAF?"), system + list(b"PD?")]
+    expected = [generate_greedy(model, prompt, 12) for prompt in prompts]
+
+    async def scenario() -> tuple[list[list[int]], list[float]]:
+        async with plane("PD") as p:
+            (url,) = p.workers["prefill"]
+            prefill = p.servers[url]
+            assert isinstance(prefill, PrefillServer)
+            labels = {"model_name": "tiny", "engine": "0"}
+            hits: list[float] = []
+            tokens: list[list[int]] = []
+            for prompt in prompts:
+                tokens.append(await completion_tokens(p, prompt, 12))
+                value = prefill.metrics.registry.get_sample_value(
+                    "vllm:prefix_cache_hits_total", labels
+                )
+                hits.append(value or 0.0)
+            queries = prefill.metrics.registry.get_sample_value(
+                "vllm:prefix_cache_queries_total", labels
+            )
+            assert queries == sum(len(prompt) for prompt in prompts)
+            async with p.session.get(f"{url}/v1/info") as response:
+                info = (await response.json())["prefix_cache"]
+            assert info["blocks"] > 0 and 0 < info["bytes"] <= info["capacity_bytes"]
+            return tokens, hits
+
+    tokens, hits = run(scenario())
+    assert tokens == expected
+    # the first prompt finds nothing; each later one reuses the 48 tokens of 3 full blocks
+    assert hits == [0.0, 48.0, 96.0]

@@ -90,6 +90,13 @@ _plan_option = click.option(
 @click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--expert-parallel", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--kv-blocks", type=click.IntRange(min=1), default=None, help="KV cache blocks.")
+@click.option(
+    "--prefix-cache-mb",
+    type=click.FloatRange(min=0.0),
+    default=64.0,
+    show_default=True,
+    help="prefill: K/V of recent prompts' full blocks, reused by prompts that share them (0: off).",
+)
 @click.option("--kv-cache-mb", type=_POSITIVE, default=64.0, show_default=True)
 @click.option("--block-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-num-seqs", type=click.IntRange(min=1), default=64, show_default=True)
@@ -120,6 +127,7 @@ def serve(
     tensor_parallel: int,
     expert_parallel: int,
     kv_blocks: int | None,
+    prefix_cache_mb: float,
     kv_cache_mb: float,
     block_size: int,
     max_num_seqs: int,
@@ -177,6 +185,7 @@ def serve(
         kv_timeout_s=kv_timeout_s,
         kv_backend=cast("Backend", kv_backend),
         kv_arena_mb=kv_arena_mb,
+        prefix_cache_mb=prefix_cache_mb,
         weights=weights,
         torch_threads=torch_threads,
         device=device,

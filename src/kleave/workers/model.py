@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -294,18 +295,34 @@ class MoEDecoder(nn.Module):
 
     @torch.inference_mode()
     def attention_prefill(
-        self, layer: int, h: torch.Tensor, positions: torch.Tensor
+        self,
+        layer: int,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One sequence's causal self-attention: `h` `[T, hidden]` -> (h + attention, rotated
-        K `[T, Hkv, D]`, V `[T, Hkv, D]`). Attends only within these T tokens."""
+        K `[T, Hkv, D]`, V `[T, Hkv, D]` of these T tokens). Attends within these T tokens and,
+        with `past` (the K/V `[P, Hkv, D]` of the P positions before them, e.g. a cached
+        prefix; `positions` then start at P), over those too."""
         c = self.config
         q, k, v = self._qkv(layer, h, positions)
+        keys, values = (
+            (k, v) if past is None else (torch.cat([past[0], k]), torch.cat([past[1], v]))
+        )
+        mask = None
+        if past is not None:  # token i (position P + i) sees positions 0 .. P + i
+            width = keys.shape[0]
+            mask = torch.ones(h.shape[0], width, dtype=torch.bool, device=h.device).tril(
+                diagonal=width - h.shape[0]
+            )
         group = c.num_heads // c.num_kv_heads
         out = functional.scaled_dot_product_attention(
             q.transpose(0, 1),
-            k.repeat_interleave(group, dim=1).transpose(0, 1),
-            v.repeat_interleave(group, dim=1).transpose(0, 1),
-            is_causal=True,
+            keys.repeat_interleave(group, dim=1).transpose(0, 1),
+            values.repeat_interleave(group, dim=1).transpose(0, 1),
+            attn_mask=mask,
+            is_causal=past is None,
             scale=1.0 / math.sqrt(c.head_dim),
         )  # [H, T, D]
         out = out.transpose(0, 1).reshape(h.shape[0], c.num_heads * c.head_dim)
@@ -374,16 +391,27 @@ class MoEDecoder(nn.Module):
     # ----- whole passes -----------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(
-        self, tokens: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """One sequence from position 0: the last position's logits `[vocab]` and each layer's
-        (K, V) `[T, Hkv, D]` (what a prefill worker sends)."""
+        """One sequence: the last position's logits `[vocab]` and each layer's (K, V)
+        `[P + T, Hkv, D]` (what a prefill worker sends). From position 0, or after `past`: the
+        K/V of P earlier positions per layer (a cached prefix), which only `tokens` follow.
+        `on_layer(layer, k, v)` gets each layer's K/V the moment it exists (a KV sender)."""
         tokens = tokens.to(self.device)
-        positions = torch.arange(tokens.shape[0], device=self.device)
+        start = 0 if past is None else past[0][0].shape[0]
+        positions = torch.arange(start, start + tokens.shape[0], device=self.device)
         h = self.embed(tokens)
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in range(self.config.num_layers):
-            h, k, v = self.attention_prefill(layer, h, positions)
+            before = None if past is None else past[layer]
+            h, k, v = self.attention_prefill(layer, h, positions, before)
+            if before is not None:
+                k, v = torch.cat([before[0], k]), torch.cat([before[1], v])
+            if on_layer is not None:
+                on_layer(layer, k, v)
             kv.append((k, v))
             h = self.ffn(layer, h)
         return self.logits(h[-1:])[0], kv

@@ -126,6 +126,13 @@ class WorkerMetrics:
         self.request_generation_tokens = histogram(
             "vllm:request_generation_tokens", "Number of generation tokens processed.", lengths
         )
+        self.prefix_cache_queries = counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+        )
+        self.prefix_cache_hits = counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."
+        )
         self.kv_transfer_bytes = counter(
             "kleave:kv_transfer_bytes", "KV-cache bytes sent (prefill) or received (decode)."
         )

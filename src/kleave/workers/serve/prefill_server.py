@@ -26,6 +26,7 @@ import torch
 from aiohttp import web
 
 from kleave.workers.model import MoEDecoder
+from kleave.workers.prefix_cache import PrefixCache, PrefixHit
 from kleave.workers.serve.decode_server import parse_sampling
 from kleave.workers.serve.forward import ModelThread
 from kleave.workers.serve.http import (
@@ -54,22 +55,28 @@ def parse_peer(value: str) -> tuple[str, int]:
 
 
 def prefill_and_send(
-    model: MoEDecoder, tokens: list[int], sender: KVSender, request_id: str
-) -> torch.Tensor:
-    """`MoEDecoder.prefill`, with each layer's K/V handed to the sender as soon as it exists.
+    model: MoEDecoder,
+    tokens: list[int],
+    sender: KVSender,
+    request_id: str,
+    cache: PrefixCache | None = None,
+) -> tuple[torch.Tensor, int]:
+    """`MoEDecoder.prefill` after the prompt's longest cached prefix, each layer's whole K/V
+    handed to the sender as soon as it exists; -> (last logits, cached tokens reused).
 
-    Runs on the model thread; `send_layer` only queues, so the next layer computes while the
-    sender's thread writes this one.
+    Runs on the model thread (the cache's only user); `send_layer` only queues, so the next
+    layer computes while the sender's thread writes this one.
     """
-    ids = torch.tensor(tokens, dtype=torch.long)
-    positions = torch.arange(len(tokens))
-    h = model.embed(ids)
-    for layer in range(model.config.num_layers):
-        h, k, v = model.attention_prefill(layer, h, positions)
+    hit = cache.lookup(tokens) if cache is not None else PrefixHit(0, None)
+    ids = torch.tensor(tokens[hit.tokens :], dtype=torch.long)
+
+    def send(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         sender.send_layer(request_id, layer, k, v)
-        h = model.ffn(layer, h)
-    logits: torch.Tensor = model.logits(h[-1:])[0]
-    return logits
+
+    logits, kv = model.prefill(ids, hit.kv, on_layer=send)
+    if cache is not None:
+        cache.insert(tokens, kv)
+    return logits, hit.tokens
 
 
 class PrefillServer:
@@ -78,6 +85,12 @@ class PrefillServer:
         self.options = options
         self.metrics = WorkerMetrics(plan.model, max_model_len=plan.config.max_position)
         self.thread = ModelThread()
+        capacity = int(options.prefix_cache_mb * 2**20)
+        self.prefix_cache = (
+            PrefixCache(block_size=options.block_size, capacity_bytes=capacity)
+            if capacity > 0
+            else None
+        )
         self.model: MoEDecoder | None = None
         self.load_error: str | None = None
         self._turn = asyncio.Lock()  # FIFO: one prefill at a time
@@ -133,6 +146,15 @@ class PrefillServer:
             "waiting": self._waiting,
             "decode_peers": sorted(f"{h}:{p}" for h, p in self._senders),
             "kv_backend": self.options.kv_backend,
+            "prefix_cache": None
+            if self.prefix_cache is None
+            else {
+                "block_size": self.prefix_cache.block_size,
+                "blocks": len(self.prefix_cache),
+                "bytes": self.prefix_cache.nbytes,
+                "capacity_bytes": self.prefix_cache.capacity_bytes,
+                "evicted_blocks": self.prefix_cache.evicted_blocks,
+            },
         }
 
     def _gauges(self) -> None:
@@ -236,7 +258,9 @@ class PrefillServer:
         }
         try:
             await sender.begin(request_id, meta)
-            logits = await self.thread.run(prefill_and_send, model, prompt, sender, request_id)
+            logits, cached = await self.thread.run(
+                prefill_and_send, model, prompt, sender, request_id, self.prefix_cache
+            )
             token = await self.thread.run(sample, logits, params, 0)
             self.metrics.ttft.observe(time.perf_counter() - arrival)
             stats = await sender.end(request_id)
@@ -250,6 +274,8 @@ class PrefillServer:
                 await sender.abort(request_id, "the prefill failed")
             raise
         self.metrics.prompt_tokens.inc(len(prompt))
+        self.metrics.prefix_cache_queries.inc(len(prompt))
+        self.metrics.prefix_cache_hits.inc(cached)
         self.metrics.generation_tokens.inc()
         self.metrics.kv_transfer_bytes.inc(stats.bytes)
         self.metrics.kv_transfer_seconds.observe(stats.seconds)
@@ -264,6 +290,7 @@ class PrefillServer:
                 "request_id": request_id,
                 "first_token": token,
                 "prompt_tokens": len(prompt),
+                "cached_tokens": cached,
                 "decode": where,
                 "kv_bytes": stats.bytes,
                 "kv_seconds": stats.seconds,

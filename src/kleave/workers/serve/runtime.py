@@ -42,6 +42,7 @@ class WorkerOptions:
     kv_timeout_s: float = 30.0
     kv_backend: Backend = "tcp"  # prefill: how KV reaches decode (the receiver takes what comes)
     kv_arena_mb: float = 32.0  # shm/cuda_ipc: the shared ring per decode peer
+    prefix_cache_mb: float = 64.0  # prefill: K/V of recent prompts' full blocks (0: off)
     weights: Path | None = None
     torch_threads: int | None = None
     device: str = "cpu"
