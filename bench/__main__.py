@@ -21,12 +21,20 @@ def kv_transfer() -> str:
     return kv_transfer.main()
 
 
+def prefix_cache() -> str:
+    """Imported when run, like workers_cpu."""
+    from bench import prefix_cache
+
+    return prefix_cache.main()
+
+
 BENCHMARKS = {
     "devcluster": devcluster.main,
     "inference": inference_deployments.main,
     "planner": planner_pareto.main,
     "workers": workers_cpu,
     "kv": kv_transfer,
+    "prefix": prefix_cache,
 }
 
 
