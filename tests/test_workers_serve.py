@@ -540,7 +540,14 @@ async def completion_tokens(p: Plane, prompt: list[int], max_tokens: int) -> lis
 
 @pytest.mark.parametrize(
     ("topology", "kv_backend"),
-    [("Colocated", "tcp"), ("PD", "tcp"), ("PD", "shm"), ("PDAF", "tcp"), ("PDAF", "shm")],
+    [
+        ("Colocated", "tcp"),
+        ("PD", "tcp"),
+        ("PD", "shm"),
+        ("PD", "gloo"),
+        ("PDAF", "tcp"),
+        ("PDAF", "shm"),
+    ],
 )
 def test_router_generates_generate_greedys_tokens(
     topology: str, kv_backend: Backend, reference: list[list[int]]

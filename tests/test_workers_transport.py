@@ -54,8 +54,9 @@ from kleave.workers.transport.kv_transfer import (
     layer_ranges,
 )
 
-# The KV backends every machine runs: the socket, and the shared-memory ring of one host.
-HOST_BACKENDS = pytest.mark.parametrize("backend", ["tcp", "shm"])
+# The KV backends every machine runs: the socket, the shared-memory ring of one host, and a
+# gloo process group per connection (the code path of nccl).
+HOST_BACKENDS = pytest.mark.parametrize("backend", ["tcp", "shm", "gloo"])
 
 HANG_GUARD = 60.0  # seconds; only ever reached when something is broken
 

@@ -74,11 +74,12 @@ _plan_option = click.option(
 @click.option("--advertise-host", default=None, help="The address peers use for KV/activations.")
 @click.option(
     "--kv-backend",
-    type=click.Choice(["tcp", "shm", "cuda_ipc", "nccl"]),
+    type=click.Choice(["tcp", "shm", "cuda_ipc", "gloo", "nccl"]),
     default="tcp",
     show_default=True,
     help="prefill: how KV reaches decode. shm/cuda_ipc: a shared ring, both on one host "
-    "(cuda_ipc: one GPU); nccl is not built yet and moves KV over tcp (see docs/workers.md).",
+    "(cuda_ipc: one GPU); gloo/nccl: a process group per P/D pair (nccl: GPUs; on a host "
+    "without CUDA it falls back to tcp with a warning).",
 )
 @click.option(
     "--kv-arena-mb",
@@ -152,9 +153,10 @@ def serve(
     from kleave.workers.transport.framing import TransportError
     from kleave.workers.transport.kv_transfer import check_backend
 
-    if kv_backend == "nccl":
+    if kv_backend == "nccl" and device == "cpu":
+        # The operator's default for builtin pools; a CPU-only worker has no NCCL to use.
         logging.getLogger("kleave.workers").warning(
-            "--kv-backend nccl is not implemented by the builtin workers yet; KV moves over tcp"
+            "--kv-backend nccl needs --device cuda; this CPU worker moves KV over tcp"
         )
         kv_backend = "tcp"
     try:

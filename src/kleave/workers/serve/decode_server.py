@@ -102,7 +102,7 @@ class DecodeServer:
 
     async def _on_startup(self, _: web.Application) -> None:
         if self.role != "colocated":
-            self.receiver = KVReceiver(backend=self.options.kv_backend)
+            self.receiver = KVReceiver(backend=self.options.kv_backend, device=self.options.device)
             await self.receiver.start(self.options.host, self.options.kv_port)
         # Load in the background: /healthz answers while a large model initialises.
         self._loading = asyncio.get_running_loop().create_task(self._load())

@@ -43,7 +43,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -56,6 +56,7 @@ from kleave.workers.transport.framing import (
     Frame,
     PeerGone,
     TransportError,
+    cpu_bytes,
     dtype_name,
     encode_message,
     encode_tensor,
@@ -71,16 +72,24 @@ from kleave.workers.transport.kv_arena import (
     SharedArena,
     place,
 )
+from kleave.workers.transport.kv_dist import (
+    DIST_BACKENDS,
+    DistBackend,
+    DistSpec,
+    PairGroup,
+    dist_unavailable,
+)
 
 log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 2  # 2: the hello may offer a shared arena
 SEND_CHUNK = 1 << 20  # progress (written_bytes) is counted per chunk
-Backend = Literal["tcp", "shm", "cuda_ipc", "nccl"]
-BACKENDS: tuple[str, ...] = ("tcp", "shm", "cuda_ipc", "nccl")
+Backend = Literal["tcp", "shm", "cuda_ipc", "gloo", "nccl"]
+BACKENDS: tuple[str, ...] = ("tcp", "shm", "cuda_ipc", "gloo", "nccl")
 ARENA_KINDS: dict[str, ArenaKind] = {"shm": "shm", "cuda_ipc": "cuda"}
 DEFAULT_ARENA_BYTES = 32 << 20  # per connection; pods get 64 MiB of /dev/shm by default
 ARENA_WAIT_S = 30.0  # a receiver that frees no ring space for this long is stuck
+DIST_TIMEOUT_S = 30.0  # gloo/nccl: forming the pair's group, and any one send or receive
 
 
 class KVTransferError(TransportError):
@@ -99,19 +108,16 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"unknown KV transfer backend {backend!r}: one of {', '.join(BACKENDS)}")
     if backend in ARENA_KINDS and not os.path.isdir(SHM_DIR):
         raise BackendUnavailable(f"KV transfer backend {backend!r} needs {SHM_DIR}; use tcp")
-    if backend == "shm":
+    if backend in DIST_BACKENDS:
+        why = dist_unavailable(backend)
+        if why is not None:
+            raise BackendUnavailable(f"KV transfer backend {backend!r}: {why}")
         return
-    if not torch.cuda.is_available():
+    if backend == "cuda_ipc" and not torch.cuda.is_available():
         raise BackendUnavailable(
             f"KV transfer backend {backend!r} needs a CUDA device and this process sees none "
             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); use backend='tcp'"
         )
-    if backend == "cuda_ipc":
-        return
-    raise BackendUnavailable(
-        f"KV transfer backend {backend!r} is not implemented yet; backend='tcp' works on GPUs "
-        "too (CUDA tensors are copied to the host before they go on the wire)"
-    )
 
 
 def layer_ranges(layers: list[int]) -> str:
@@ -200,23 +206,29 @@ def _settle(marker: _Marker, result: float | BaseException) -> None:
         marker.loop.call_soon_threadsafe(settle)
 
 
-def _handshake(sock: socket.socket, peer: str, arena: SharedArena | None) -> None:
-    """Send the hello; with an arena, wait for the receiver to say it mapped it."""
+def _handshake(
+    sock: socket.socket, peer: str, arena: SharedArena | None, pair: PairGroup | None
+) -> None:
+    """Send the hello; with an arena or a process group, wait for the receiver to say it
+    mapped the arena / joined the group (forming the group here, as its rank 0)."""
     hello: dict[str, Any] = {"version": PROTOCOL_VERSION}
     if arena is not None:
         hello["arena"] = arena.spec()
+    if pair is not None:
+        hello["dist"] = pair.spec.to_json()
     try:
         sock.sendall(encode_message("kv_hello", hello).header)
-        if arena is None:
+        if arena is None and pair is None:
             return
+        if pair is not None:
+            pair.connect()
         reply = recv_message(sock, who=f"decode peer {peer}", expecting="its kv_welcome")
     except (OSError, TransportError) as e:
         raise KVTransferError(f"the KV handshake with decode peer {peer} failed: {e}") from e
     if reply.kind != "kv_welcome" or "error" in reply.meta:
         reason = reply.meta.get("error", f"it answered {reply.kind}")
-        raise KVTransferError(
-            f"decode peer {peer} cannot use the shared {arena.kind} KV arena: {reason}"
-        )
+        what = f"the shared {arena.kind} KV arena" if arena is not None else "the process group"
+        raise KVTransferError(f"decode peer {peer} cannot use {what}: {reason}")
 
 
 class KVSender:
@@ -235,10 +247,12 @@ class KVSender:
         *,
         checksum: bool = True,
         arena: SharedArena | None = None,
+        pair: PairGroup | None = None,
     ) -> None:
         self.peer = peer
         self.checksum = checksum
         self.arena = arena
+        self.pair = pair
         self._head = 0  # the ring position the next block goes after (the writer's only)
         self.arena_wait_s = ARENA_WAIT_S
         self._sock = sock
@@ -274,22 +288,34 @@ class KVSender:
         except OSError as e:
             raise KVTransferError(f"cannot connect to decode peer {peer}: {e}") from e
         arena: SharedArena | None = None
+        pair: PairGroup | None = None
         try:
             if backend in ARENA_KINDS:
                 arena = await asyncio.to_thread(
                     SharedArena.create, ARENA_KINDS[backend], arena_bytes, device=device
                 )
-            await asyncio.to_thread(_handshake, sock, peer, arena)
+            if backend in DIST_BACKENDS:
+                local_host = str(sock.getsockname()[0])  # where the decode peer can reach us
+                pair = await asyncio.to_thread(
+                    PairGroup.host,
+                    cast(DistBackend, backend),
+                    local_host,
+                    timeout_s=min(timeout, DIST_TIMEOUT_S),
+                    device=device,
+                )
+            await asyncio.to_thread(_handshake, sock, peer, arena, pair)
         except BaseException as e:
             if arena is not None:
                 arena.close()
+            if pair is not None:
+                pair.close()
             sock.close()
-            if isinstance(e, ArenaError):
+            if isinstance(e, TransportError) and not isinstance(e, KVTransferError):
                 raise KVTransferError(f"KV transfer to decode peer {peer}: {e}") from e
             raise
         sock.settimeout(None)  # the writer thread blocks; close() unblocks it by shutting down
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(sock, peer, checksum=checksum, arena=arena)
+        return cls(sock, peer, checksum=checksum, arena=arena, pair=pair)
 
     # -- progress, for callers and tests that check the overlap without clocks --
 
@@ -441,6 +467,8 @@ class KVSender:
         await asyncio.to_thread(self._thread.join, linger)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)  # unblocks a writer stuck on a full socket
+        if self.pair is not None:
+            self.pair.close()  # ... or in a send to a receiver that stopped receiving
         await asyncio.to_thread(self._thread.join)
         self._sock.close()
         if self.arena is not None:
@@ -469,6 +497,12 @@ class KVSender:
         for name, tensor in (("k", item.k), ("v", item.v)):
             meta = {"request_id": item.request_id, "layer": item.layer}
             nbytes = tensor.numel() * tensor.element_size()
+            if self.pair is not None:
+                self._send(self._to_pair(self.pair, name, tensor, meta), counted=False)
+                self.pair.send(tensor)
+                with self._lock:
+                    self._written_bytes += nbytes
+                continue
             arena = self.arena
             if arena is not None and 0 < nbytes <= arena.capacity:
                 self._send(self._to_arena(arena, name, tensor, meta), counted=False)
@@ -477,6 +511,22 @@ class KVSender:
                 continue
             frame = encode_tensor(name, tensor, kind="kv_layer", meta=meta, checksum=self.checksum)
             self._send(frame, counted=True)
+
+    def _to_pair(
+        self, pair: PairGroup, name: str, tensor: torch.Tensor, meta: dict[str, Any]
+    ) -> EncodedFrame:
+        """The descriptor of a tensor that follows over the process group."""
+        header = {
+            **meta,
+            "name": name,
+            "dtype": dtype_name(tensor.dtype),
+            "shape": list(tensor.shape),
+            "nbytes": tensor.numel() * tensor.element_size(),
+        }
+        if self.checksum and pair.device.type == "cpu":
+            _, payload = cpu_bytes(tensor)
+            header["sha256"] = hashlib.sha256(payload).hexdigest()
+        return encode_message("kv_layer_dist", header)
 
     def _to_arena(
         self, arena: SharedArena, name: str, tensor: torch.Tensor, meta: dict[str, Any]
@@ -519,7 +569,7 @@ class KVSender:
                 continue
             try:
                 self._write(item)
-            except OSError as e:
+            except (OSError, PeerGone) as e:  # the socket, or the pair's group
                 self._error = KVTransferError(
                     f"decode peer {self.peer} went away while we were sending ({e}); "
                     "the requests in flight on this connection are lost"
@@ -532,6 +582,22 @@ class KVSender:
 
 
 # --- receiver -----------------------------------------------------------------------------
+
+
+def _described(meta: dict[str, Any], peer: str) -> tuple[torch.dtype, list[int]]:
+    """The dtype and shape a descriptor frame gives, checked against its ``nbytes``."""
+    dtype, shape, nbytes = DTYPES.get(str(meta.get("dtype"))), meta.get("shape"), meta.get("nbytes")
+    if (
+        dtype is None
+        or not isinstance(shape, list)
+        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or math.prod(shape) * torch.empty((), dtype=dtype).element_size() != nbytes
+    ):
+        raise TransportError(
+            f"{peer} described tensor {meta.get('name')!r} as {meta.get('dtype')} {shape} in "
+            f"{nbytes} bytes, which do not match"
+        )
+    return dtype, shape
 
 
 @dataclass
@@ -575,9 +641,15 @@ class KVReceiver:
     """
 
     def __init__(
-        self, *, backend: Backend = "tcp", max_unclaimed: int = 256, hello_timeout: float = 10.0
+        self,
+        *,
+        backend: Backend = "tcp",
+        max_unclaimed: int = 256,
+        hello_timeout: float = 10.0,
+        device: torch.device | str | None = None,
     ) -> None:
         check_backend(backend)
+        self.device = device  # where nccl transfers land (the decode worker's GPU)
         self.max_unclaimed = max_unclaimed
         self.hello_timeout = hello_timeout
         self._server: asyncio.Server | None = None
@@ -666,20 +738,27 @@ class KVReceiver:
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         owned: dict[str, _Incoming] = {}
         arena: SharedArena | None = None
+        pair: PairGroup | None = None
         try:
             hello = await self._hello(reader, peer)
             if "arena" in hello:
                 arena = await self._attach(hello["arena"], writer, peer)
+            if "dist" in hello:
+                pair = await self._join(hello["dist"], writer, peer)
             while True:
                 try:
                     frame = await read_frame(
                         reader, timeout=None, peer=peer, expecting="the next KV frame"
                     )
-                    if frame.kind == "kv_layer_ref":
-                        from_arena = await self._from_arena(arena, frame, owned, peer)
-                        if from_arena is None:
+                    if frame.kind in ("kv_layer_ref", "kv_layer_dist"):
+                        resolved = await (
+                            self._from_arena(arena, frame, owned, peer)
+                            if frame.kind == "kv_layer_ref"
+                            else self._from_pair(pair, frame, owned, peer)
+                        )
+                        if resolved is None:
                             continue
-                        frame = from_arena
+                        frame = resolved
                 except ChecksumError as e:
                     self._corrupt(e, owned, peer)
                     continue
@@ -698,6 +777,8 @@ class KVReceiver:
             self._connections.discard(task)
             if arena is not None:
                 arena.close()
+            if pair is not None:
+                pair.close()
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
@@ -726,6 +807,56 @@ class KVReceiver:
         await send_message(writer, "kv_welcome", {"arena": arena.kind})
         return arena
 
+    async def _join(self, spec: Any, writer: asyncio.StreamWriter, peer: str) -> PairGroup:
+        """Join the process group the sender offered and say so (the one reply)."""
+        address = writer.get_extra_info("sockname")
+        local_host = str(address[0]) if isinstance(address, tuple) else "127.0.0.1"
+        try:
+            pair = await asyncio.to_thread(
+                PairGroup.join, DistSpec.from_json(spec), local_host, device=self.device
+            )
+        except TransportError as e:
+            log.warning("refusing the process group of prefill peer %s: %s", peer, e)
+            await send_message(writer, "kv_welcome", {"error": str(e)})
+            raise TransportError(f"cannot join the process group of {peer}: {e}") from e
+        await send_message(writer, "kv_welcome", {"dist": pair.spec.backend})
+        return pair
+
+    @staticmethod
+    async def _from_pair(
+        pair: PairGroup | None, frame: Frame, owned: dict[str, _Incoming], peer: str
+    ) -> Frame | None:
+        """The tensor a ``kv_layer_dist`` announces, received over the group (always, so the
+        group stays in step; None when its request is no longer wanted)."""
+        if pair is None:
+            raise TransportError(f"{peer} sent a process-group KV frame without offering a group")
+        meta = frame.meta
+        request_id, name, layer = (
+            str(meta.get("request_id")),
+            str(meta.get("name")),
+            meta.get("layer"),
+        )
+        dtype, shape = _described(meta, peer)
+        tensor = await asyncio.to_thread(pair.recv, dtype, shape)
+        state = owned.get(request_id)
+        if state is None or state.done.is_set():
+            return None
+        expected = meta.get("sha256")
+        if expected is not None:
+            _, payload = cpu_bytes(tensor)
+            actual = hashlib.sha256(payload).hexdigest()
+            if actual != expected:
+                raise ChecksumError(
+                    f"tensor {name!r} of request {request_id} layer {layer} from {peer} is "
+                    f"corrupt after the {pair.spec.backend} transfer: SHA-256 {actual[:16]}..., "
+                    f"descriptor says {str(expected)[:16]}...",
+                    kind="kv_layer",
+                    name=name,
+                    meta={"request_id": request_id, "layer": layer},
+                )
+        nbytes = tensor.numel() * tensor.element_size()
+        return Frame("kv_layer", name, {"request_id": request_id, "layer": layer}, tensor, nbytes)
+
     @staticmethod
     async def _from_arena(
         arena: SharedArena | None, frame: Frame, owned: dict[str, _Incoming], peer: str
@@ -745,17 +876,7 @@ class KVReceiver:
             state = owned.get(request_id)
             if state is None or state.done.is_set():
                 return None
-            dtype, shape = DTYPES.get(str(meta.get("dtype"))), meta.get("shape")
-            if (
-                dtype is None
-                or not isinstance(shape, list)
-                or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or math.prod(shape) * torch.empty((), dtype=dtype).element_size() != block.nbytes
-            ):
-                raise TransportError(
-                    f"{peer} described tensor {name!r} as {meta.get('dtype')} {shape} in "
-                    f"{block.nbytes} bytes of the arena, which do not match"
-                )
+            dtype, shape = _described({**meta, "nbytes": block.nbytes}, peer)
             big = block.nbytes > OFFLOAD_BYTES
             read = functools.partial(arena.read, block.start, block.nbytes, dtype, shape)
             tensor = await asyncio.to_thread(read) if big else read()
