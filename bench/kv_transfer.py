@@ -1,4 +1,4 @@
-"""KV transfer between two processes on this host: tcp vs the shared-memory ring (shm).
+"""KV transfer between two processes on this host: tcp, the shared-memory ring (shm), gloo.
 
 Each row is one request's whole prefill -> decode transfer (8 layers of K and V adding up to
 the size), median of 5, with and without the per-tensor SHA-256 the workers send by default.
@@ -17,7 +17,7 @@ from kleave.workers.bench_kv import KVRun, copy_gbps, measure
 from kleave.workers.transport.kv_transfer import DEFAULT_ARENA_BYTES
 
 SIZES_MB = tuple(int(s) for s in os.environ.get("KLEAVE_BENCH_KV_MB", "1,16,64,256").split(","))
-BACKENDS = ("tcp", "shm")
+BACKENDS = ("tcp", "shm", "gloo")
 
 
 def _table(runs: list[KVRun]) -> str:
