@@ -38,6 +38,11 @@ ISL = int(os.environ.get("KLEAVE_BENCH_ISL", "64"))
 OSL = int(os.environ.get("KLEAVE_BENCH_OSL", "64"))
 CONCURRENCY = tuple(int(c) for c in os.environ.get("KLEAVE_BENCH_CONCURRENCY", "1,8").split(","))
 REQUESTS_PER_CLIENT = int(os.environ.get("KLEAVE_BENCH_REQUESTS", "4"))
+# The same load on a GPU (bench/gpu.sh): KLEAVE_BENCH_MODEL=small KLEAVE_BENCH_DEVICE=cuda.
+MODEL = os.environ.get("KLEAVE_BENCH_MODEL", "tiny")
+DEVICE = os.environ.get("KLEAVE_BENCH_DEVICE", "cpu")
+KV_BACKEND = os.environ.get("KLEAVE_BENCH_KV_BACKEND", "auto")
+ONLY = [t for t in os.environ.get("KLEAVE_BENCH_TOPOLOGIES", "").split(",") if t]
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ def _prompt(client: int, index: int) -> list[int]:
 
 async def _request(session: aiohttp.ClientSession, url: str, prompt: list[int]) -> Sample:
     body = {
-        "model": "tiny",
+        "model": MODEL,
         "prompt": prompt,
         "max_tokens": OSL,
         "temperature": 0,
@@ -133,9 +138,14 @@ def _run(topology: str, concurrency: int, url: str) -> Run:
 
 def _table(runs: list[Run]) -> str:
     base = {r.concurrency: r for r in runs if r.topology == "Colocated"}
+    where = (
+        f"{os.cpu_count()} CPUs ({platform.machine()})"
+        if DEVICE == "cpu"
+        else f"{torch.cuda.get_device_name()} shared by every worker"
+    )
     lines = [
-        f"Tiny MoE model ({ISL} prompt + {OSL} output tokens, greedy), {os.cpu_count()} CPUs "
-        f"({platform.machine()}), torch {torch.__version__}, one thread per process; "
+        f"Model `{MODEL}` ({ISL} prompt + {OSL} output tokens, greedy), {where}, torch "
+        f"{torch.__version__}, one thread per process, KV backend {KV_BACKEND}; "
         f"{REQUESTS_PER_CLIENT} requests per client.",
         "",
         "| topology | clients | output tok/s | vs Colocated | TTFT p50 | TTFT p90 | TPOT p50 "
@@ -143,12 +153,13 @@ def _table(runs: list[Run]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
-        b = base[r.concurrency]
+        b = base.get(r.concurrency)  # absent when KLEAVE_BENCH_TOPOLOGIES leaves it out
+        tokens_ratio = f"{r.tokens_per_s / b.tokens_per_s:.2f}" if b else "-"
+        tpot_ratio = f"{r.tpot_p50 / b.tpot_p50:.2f}" if b else "-"
         lines.append(
-            f"| {r.topology} | {r.concurrency} | {r.tokens_per_s:.0f} | "
-            f"{r.tokens_per_s / b.tokens_per_s:.2f} | {r.ttft_p50 * 1e3:.1f} ms | "
-            f"{r.ttft_p90 * 1e3:.1f} ms | {r.tpot_p50 * 1e3:.2f} ms | {r.tpot_p90 * 1e3:.2f} ms | "
-            f"{r.tpot_p50 / b.tpot_p50:.2f} |"
+            f"| {r.topology} | {r.concurrency} | {r.tokens_per_s:.0f} | {tokens_ratio} | "
+            f"{r.ttft_p50 * 1e3:.1f} ms | {r.ttft_p90 * 1e3:.1f} ms | "
+            f"{r.tpot_p50 * 1e3:.2f} ms | {r.tpot_p90 * 1e3:.2f} ms | {tpot_ratio} |"
         )
     return "\n".join(lines)
 
@@ -157,7 +168,16 @@ def main() -> str:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="kleave-bench-workers-") as tmp:
         for topology, counts in TOPOLOGIES.items():
-            plane = LocalDataPlane(topology=topology, state_dir=Path(tmp) / topology, counts=counts)
+            if ONLY and topology not in ONLY:
+                continue
+            plane = LocalDataPlane(
+                topology=topology,
+                state_dir=Path(tmp) / topology,
+                model=MODEL,
+                counts=counts,
+                kv_backend=KV_BACKEND,
+                device=DEVICE,
+            )
             plane.start()
             try:
                 runs += [_run(topology, c, plane.url) for c in CONCURRENCY]

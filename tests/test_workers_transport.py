@@ -57,6 +57,14 @@ from kleave.workers.transport.kv_transfer import (
 # The KV backends every machine runs: the socket, the shared-memory ring of one host, and a
 # gloo process group per connection (the code path of nccl).
 HOST_BACKENDS = pytest.mark.parametrize("backend", ["tcp", "shm", "gloo"])
+_NEEDS_CUDA = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+# ... and the one that needs a GPU both processes share (run when a device is lent).
+ALL_ONE_HOST_BACKENDS = pytest.mark.parametrize(
+    "backend", ["tcp", "shm", "gloo", pytest.param("cuda_ipc", marks=_NEEDS_CUDA)]
+)
 
 HANG_GUARD = 60.0  # seconds; only ever reached when something is broken
 
@@ -211,12 +219,14 @@ from kleave.workers.transport.kv_transfer import KVSender
 
 async def main(args):
     sender = await KVSender.connect(
-        "127.0.0.1", args["port"], backend=args["backend"], arena_bytes=args["arena_bytes"]
+        "127.0.0.1", args["port"], backend=args["backend"], arena_bytes=args["arena_bytes"],
+        device=args["device"] if args["device"] != "cpu" else None,
     )
     rid, n = args["request_id"], args["num_layers"]
     await sender.begin(rid, {"num_layers": n, "prompt_tokens": [1, 2, 3], "first_token": 42})
     for layer in range(args.get("die_after", n)):
-        sender.send_layer(rid, layer, *layer_kv(args["seed"], layer))
+        k, v = layer_kv(args["seed"], layer)
+        sender.send_layer(rid, layer, k.to(args["device"]), v.to(args["device"]))
     if "die_after" in args:
         await sender.flush()
         print("flushed", flush=True)
@@ -243,7 +253,7 @@ async def start_python(main: str, helpers: list[Callable[..., Any]], args: dict[
     )
 
 
-@HOST_BACKENDS
+@ALL_ONE_HOST_BACKENDS
 def test_kv_transfer_between_processes_is_bit_exact_with_right_stats(backend: Backend) -> None:
     num_layers, seed = 6, 3
 
@@ -259,6 +269,7 @@ def test_kv_transfer_between_processes_is_bit_exact_with_right_stats(backend: Ba
                 "backend": backend,
                 # 1.5 layers: the ring wraps several times and skips its tail end
                 "arena_bytes": 150_000,
+                "device": "cuda" if backend == "cuda_ipc" else "cpu",
             }
             child = await start_python(SENDER_MAIN, [layer_kv], args)
             received = await receiver.receive("req-1", timeout=HANG_GUARD)
@@ -277,15 +288,16 @@ def test_kv_transfer_between_processes_is_bit_exact_with_right_stats(backend: Ba
         assert len(received.layers) == num_layers
         for (k, v), (k_want, v_want) in zip(received.layers, expected, strict=True):
             assert k.dtype == torch.float32 and v.dtype == torch.bfloat16
-            assert torch.equal(k, k_want) and torch.equal(v, v_want)
+            assert k.is_cuda is v.is_cuda is (backend == "cuda_ipc")  # it stays on the GPU
+            assert torch.equal(k.cpu(), k_want) and torch.equal(v.cpu(), v_want)
         assert received.bytes == stats["bytes"] == total
         assert stats["layers"] == num_layers and stats["seconds"] > 0 and received.seconds > 0
-        assert stats["wrapped"] is (backend == "shm")
+        assert stats["wrapped"] is (backend in ("shm", "cuda_ipc"))
 
     run(scenario())
 
 
-@HOST_BACKENDS
+@ALL_ONE_HOST_BACKENDS
 def test_a_sender_killed_mid_transfer_fails_the_receive_with_its_progress(backend: Backend) -> None:
     async def scenario() -> None:
         receiver = KVReceiver()
@@ -298,6 +310,7 @@ def test_a_sender_killed_mid_transfer_fails_the_receive_with_its_progress(backen
             "die_after": 3,
             "backend": backend,
             "arena_bytes": 1 << 20,
+            "device": "cuda" if backend == "cuda_ipc" else "cpu",
         }
         child = await start_python(SENDER_MAIN, [layer_kv], args)
         try:

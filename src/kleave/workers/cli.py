@@ -281,10 +281,17 @@ def router(
 @click.option("--kv-blocks", type=click.IntRange(min=1), default=None)
 @click.option(
     "--kv-backend",
-    type=click.Choice(["auto", "tcp", "shm"]),
+    type=click.Choice(["auto", "tcp", "shm", "cuda_ipc"]),
     default="auto",
     show_default=True,
-    help="P->D KV transfer; auto: shm (a shared ring) where /dev/shm exists, else tcp.",
+    help="P->D KV transfer; auto: a shared ring where /dev/shm exists (shm, or cuda_ipc with "
+    "--device cuda), else tcp.",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Every worker's torch device (cuda: the workers share one GPU).",
 )
 def up(
     *,
@@ -298,6 +305,7 @@ def up(
     state_dir: Path | None,
     kv_blocks: int | None,
     kv_backend: str,
+    device: str,
 ) -> None:
     """The whole data plane as local processes, until Ctrl-C or SIGTERM."""
     import tempfile
@@ -316,6 +324,7 @@ def up(
         router_port=port,
         seed=seed,
         kv_backend=kv_backend,
+        device=device,
         worker_args=("--kv-blocks", str(kv_blocks)) if kv_blocks else (),
     )
     stopping: list[int] = []

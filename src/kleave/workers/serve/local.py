@@ -51,12 +51,15 @@ class LocalProcess:
         return self.process.pid if self.process is not None else None
 
 
-def local_kv_backend(choice: str) -> str:
-    """``auto`` for workers that all run on this host: the shared-memory ring, which beats the
-    loopback socket (docs/benchmarks.md), wherever there is a ``/dev/shm`` (not on macOS)."""
+def local_kv_backend(choice: str, device: str = "cpu") -> str:
+    """``auto`` for workers that all run on this host: a shared ring, which beats the loopback
+    socket (docs/benchmarks.md), wherever there is a ``/dev/shm`` (not on macOS): in host
+    memory, or a CUDA IPC buffer when the workers share a GPU."""
     if choice != "auto":
         return choice
-    return "shm" if os.path.isdir("/dev/shm") else "tcp"  # kv_arena.SHM_DIR; no torch here
+    if not os.path.isdir("/dev/shm"):  # kv_arena.SHM_DIR; no torch imported here
+        return "tcp"
+    return "cuda_ipc" if device.startswith("cuda") else "shm"
 
 
 @dataclass
@@ -69,7 +72,8 @@ class LocalDataPlane:
     counts: Mapping[str, int] = field(default_factory=dict)  # per pool role
     router_port: int = 0  # 0: a free port
     seed: int = 0
-    kv_backend: str = "auto"  # auto: shm (one host, so a shared ring works) where /dev/shm is
+    kv_backend: str = "auto"  # auto: a shared ring (one host), see local_kv_backend
+    device: str = "cpu"  # every worker's --device (cuda: all share the one GPU)
     worker_args: Sequence[str] = ()  # appended to every `workers serve`
     router_args: Sequence[str] = ()
     ready_timeout_s: float = 120.0
@@ -156,7 +160,9 @@ class LocalDataPlane:
             "--port",
             str(port),
             "--kv-backend",
-            local_kv_backend(self.kv_backend),
+            local_kv_backend(self.kv_backend, self.device),
+            "--device",
+            self.device,
             "--torch-threads",
             "1",
             *self.worker_args,
