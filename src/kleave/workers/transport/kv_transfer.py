@@ -584,6 +584,36 @@ class KVSender:
 # --- receiver -----------------------------------------------------------------------------
 
 
+def _layer_frame(meta: dict[str, Any], tensor: torch.Tensor) -> Frame:
+    """The ``kv_layer`` frame a descriptor and the tensor it announced stand for."""
+    nbytes = tensor.numel() * tensor.element_size()
+    frame_meta = {"request_id": str(meta.get("request_id")), "layer": meta.get("layer")}
+    return Frame("kv_layer", str(meta.get("name")), frame_meta, tensor, nbytes)
+
+
+async def _check_digest(tensor: torch.Tensor, meta: dict[str, Any], peer: str, where: str) -> None:
+    """A ``ChecksumError`` when the descriptor's SHA-256 is not that of the bytes that came."""
+    expected = meta.get("sha256")
+    if expected is None:
+        return
+    _, payload = cpu_bytes(tensor)
+
+    def digest() -> str:
+        return hashlib.sha256(payload).hexdigest()
+
+    actual = await asyncio.to_thread(digest) if payload.nbytes > OFFLOAD_BYTES else digest()
+    if actual != expected:
+        frame = _layer_frame(meta, tensor)
+        raise ChecksumError(
+            f"tensor {frame.name!r} of request {frame.meta['request_id']} layer "
+            f"{frame.meta['layer']} from {peer} is corrupt {where}: SHA-256 {actual[:16]}..., "
+            f"descriptor says {str(expected)[:16]}...",
+            kind="kv_layer",
+            name=frame.name,
+            meta=frame.meta,
+        )
+
+
 def _described(meta: dict[str, Any], peer: str) -> tuple[torch.dtype, list[int]]:
     """The dtype and shape a descriptor frame gives, checked against its ``nbytes``."""
     dtype, shape, nbytes = DTYPES.get(str(meta.get("dtype"))), meta.get("shape"), meta.get("nbytes")
@@ -830,32 +860,13 @@ class KVReceiver:
         group stays in step; None when its request is no longer wanted)."""
         if pair is None:
             raise TransportError(f"{peer} sent a process-group KV frame without offering a group")
-        meta = frame.meta
-        request_id, name, layer = (
-            str(meta.get("request_id")),
-            str(meta.get("name")),
-            meta.get("layer"),
-        )
-        dtype, shape = _described(meta, peer)
+        dtype, shape = _described(frame.meta, peer)
         tensor = await asyncio.to_thread(pair.recv, dtype, shape)
-        state = owned.get(request_id)
+        state = owned.get(str(frame.meta.get("request_id")))
         if state is None or state.done.is_set():
             return None
-        expected = meta.get("sha256")
-        if expected is not None:
-            _, payload = cpu_bytes(tensor)
-            actual = hashlib.sha256(payload).hexdigest()
-            if actual != expected:
-                raise ChecksumError(
-                    f"tensor {name!r} of request {request_id} layer {layer} from {peer} is "
-                    f"corrupt after the {pair.spec.backend} transfer: SHA-256 {actual[:16]}..., "
-                    f"descriptor says {str(expected)[:16]}...",
-                    kind="kv_layer",
-                    name=name,
-                    meta={"request_id": request_id, "layer": layer},
-                )
-        nbytes = tensor.numel() * tensor.element_size()
-        return Frame("kv_layer", name, {"request_id": request_id, "layer": layer}, tensor, nbytes)
+        await _check_digest(tensor, frame.meta, peer, f"after the {pair.spec.backend} transfer")
+        return _layer_frame(frame.meta, tensor)
 
     @staticmethod
     async def _from_arena(
@@ -868,39 +879,16 @@ class KVReceiver:
         meta = frame.meta
         block = ArenaBlock.of(meta)
         try:
-            request_id, name, layer = (
-                str(meta.get("request_id")),
-                str(meta.get("name")),
-                meta.get("layer"),
-            )
-            state = owned.get(request_id)
+            state = owned.get(str(meta.get("request_id")))
             if state is None or state.done.is_set():
                 return None
             dtype, shape = _described({**meta, "nbytes": block.nbytes}, peer)
-            big = block.nbytes > OFFLOAD_BYTES
             read = functools.partial(arena.read, block.start, block.nbytes, dtype, shape)
-            tensor = await asyncio.to_thread(read) if big else read()
-            expected = meta.get("sha256")
-            if expected is not None:
-                flat: Any = tensor.reshape(-1).view(torch.uint8).numpy()
-                digest = functools.partial(
-                    lambda b: hashlib.sha256(b).hexdigest(), memoryview(flat)
-                )
-                actual = await asyncio.to_thread(digest) if big else digest()
-                if actual != expected:
-                    raise ChecksumError(
-                        f"tensor {name!r} of request {request_id} layer {layer} from {peer} is "
-                        f"corrupt in the shared arena: SHA-256 {actual[:16]}..., descriptor "
-                        f"says {str(expected)[:16]}...",
-                        kind="kv_layer",
-                        name=name,
-                        meta={"request_id": request_id, "layer": layer},
-                    )
+            tensor = await asyncio.to_thread(read) if block.nbytes > OFFLOAD_BYTES else read()
+            await _check_digest(tensor, meta, peer, "in the shared arena")
         finally:
             arena.release(block.end)
-        return Frame(
-            "kv_layer", name, {"request_id": request_id, "layer": layer}, tensor, block.nbytes
-        )
+        return _layer_frame(meta, tensor)
 
     @staticmethod
     def _fail_owned(owned: dict[str, _Incoming], what: str, detail: str = "") -> None:
