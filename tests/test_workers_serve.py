@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -38,7 +39,7 @@ from kleave.workers.serve.engine import (
     TokenEvent,
 )
 from kleave.workers.serve.ffn_server import FFNWorker
-from kleave.workers.serve.forward import LocalForward, ModelThread
+from kleave.workers.serve.forward import LocalForward, ModelThread, RemoteFFNForward
 from kleave.workers.serve.http import bind_socket
 from kleave.workers.serve.metrics import WorkerMetrics, token_buckets
 from kleave.workers.serve.openai_api import StopMatcher, parse_chat, parse_completion
@@ -333,23 +334,35 @@ async def generate_all(
     return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
 
 
-def make_engine(model: MoEDecoder, blocks: int) -> tuple[Engine, WorkerMetrics]:
+def make_engine(
+    model: MoEDecoder, blocks: int, *, max_prefill_tokens: int = 2048
+) -> tuple[Engine, WorkerMetrics]:
     thread = ModelThread()
     metrics = WorkerMetrics("tiny", max_model_len=CONFIG.max_position)
     cache = PagedKVCache(CONFIG, num_blocks=blocks)
     forward = LocalForward(model, thread)
-    return Engine(forward, cache, thread, metrics, max_model_len=CONFIG.max_position), metrics
+    engine = Engine(
+        forward,
+        cache,
+        thread,
+        metrics,
+        max_model_len=CONFIG.max_position,
+        max_prefill_tokens=max_prefill_tokens,
+    )
+    return engine, metrics
 
 
-@pytest.mark.parametrize("blocks", [64, 6])
+@pytest.mark.parametrize(("blocks", "chunk"), [(64, 2048), (6, 2048), (64, 8), (6, 5)])
 def test_engine_batches_concurrent_requests_exactly(
-    model: MoEDecoder, reference: list[list[int]], blocks: int
+    model: MoEDecoder, reference: list[list[int]], blocks: int, chunk: int
 ) -> None:
     """Four requests batched together give generate_greedy's tokens; with 6 blocks they do
-    not all fit and the youngest are preempted and recomputed, still exactly."""
+    not all fit and the youngest are preempted and recomputed, still exactly; with a prefill
+    budget of 8 or 5 tokens per iteration every prompt is prefilled in chunks (and the
+    preempted ones recomputed in chunks), still exactly."""
 
     async def scenario() -> tuple[list[Any], WorkerMetrics, Engine]:
-        engine, metrics = make_engine(model, blocks)
+        engine, metrics = make_engine(model, blocks, max_prefill_tokens=chunk)
         engine.start()
         try:
             params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=())
@@ -882,3 +895,69 @@ def test_prompts_sharing_a_prefix_reuse_its_kv_on_the_prefill_worker(model: MoED
     assert tokens == expected
     # the first prompt finds nothing; each later one reuses the 48 tokens of 3 full blocks
     assert hits == [0.0, 48.0, 96.0]
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(model: MoEDecoder) -> None:
+    """With 16 prefill tokens per iteration, a 120-token prompt takes 8 iterations, and the
+    request already decoding gets a token after each one instead of waiting for the whole
+    prefill (vLLM's chunked prefill); the long prompt's tokens are still generate_greedy's."""
+    short, long_prompt = PROMPTS[0], [BOS, *range(1, 120)]
+    expected = generate_greedy(model, long_prompt, 8)
+
+    async def scenario() -> tuple[list[int], int]:
+        engine, _ = make_engine(model, 64, max_prefill_tokens=16)
+        engine.start()
+        try:
+            params = SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=())
+            times: list[float] = []
+            started = asyncio.Event()
+
+            async def decoding() -> None:
+                async for event in engine.submit("short", short, params):
+                    if isinstance(event, TokenEvent):
+                        times.append(time.perf_counter())
+                        started.set()
+
+            task = asyncio.create_task(decoding())
+            await started.wait()
+            submitted = time.perf_counter()
+            tokens: list[int] = []
+            first = 0.0
+            long_params = SamplingParams(max_tokens=8, temperature=0.0, stop_token_ids=())
+            async for event in engine.submit("long", long_prompt, long_params):
+                if isinstance(event, TokenEvent):
+                    first = first or time.perf_counter()
+                    tokens.append(event.token)
+            await task
+            return tokens, sum(submitted < t < first for t in times)
+        finally:
+            await engine.stop()
+
+    tokens, interleaved = run(scenario())
+    assert tokens == expected
+    assert interleaved >= 6  # one decode step after each of (about) 8 chunks; unchunked: 0-1
+
+
+def test_the_pdaf_forward_prefills_after_a_past_like_the_local_one(model: MoEDecoder) -> None:
+    """RemoteFFNForward (attention here, FFN elsewhere) with its FFN calls answered by the
+    same model: a chunk after a past gives the local forward's logits and K/V exactly."""
+    thread = ModelThread()
+
+    async def ffn(layer: int, h: torch.Tensor) -> torch.Tensor:
+        return await thread.run(model.ffn, layer, h)
+
+    async def scenario() -> None:
+        prompt = [BOS, *range(1, 40)]
+        local, remote = LocalForward(model, thread), RemoteFFNForward(model, thread, ffn)
+        _, past = await local.prefill(prompt[:24])
+        want_logits, want_kv = await local.prefill(prompt[24:], past)
+        logits, kv = await remote.prefill(prompt[24:], past)
+        assert torch.equal(logits, want_logits)
+        for (k, v), (k_want, v_want) in zip(kv, want_kv, strict=True):
+            assert torch.equal(k, k_want) and torch.equal(v, v_want)
+        assert kv[0][0].shape[0] == len(prompt)
+
+    try:
+        run(scenario())
+    finally:
+        thread.close()

@@ -1,11 +1,15 @@
 """Continuous batching over the paged KV cache: the decode side of every worker that streams.
 
 One loop, one iteration at a time: admit waiting requests while the cache has blocks for them,
-then one `decode` for every running sequence together, then hand each sequence its token. A
-request enters in one of three ways, and all three leave it in the same state (its context's
-K/V in the cache, its last output token to be fed next):
+run up to ``max_prefill_tokens`` of prefill, then one `decode` for every running sequence
+together, then hand each sequence its token. Prefill is chunked, as vLLM's is: a prompt longer
+than what is left of an iteration's budget is prefilled over several iterations, each chunk
+attending over the K/V of the chunks before it (read back from the cache), so one long prompt
+delays the running sequences' next token by one chunk, not by its whole prefill. A request
+enters in one of three ways, and all three leave it in the same state (its context's K/V in
+the cache, its last output token to be fed next):
 
-* fresh (colocated): the engine runs its prefill, which also yields the first token;
+* fresh (colocated): the engine prefills it, and the last chunk yields the first token;
 * with received KV (PD/PDAF decode): the prefill worker's K/V are copied into the cache and the
   prefill worker's first token is the first output;
 * preempted: when a running sequence needs a block and none is free, the youngest running
@@ -81,6 +85,13 @@ class _Sequence:
     kv: KVLayers | None = None  # received prompt K/V, until copied into the cache
     last_token_at: float = 0.0
     done: bool = False
+    computed: int = 0  # while prefilling: context tokens whose K/V is in the cache
+
+    @property
+    def prefill_context(self) -> list[int]:
+        """What a prefill computes: the prompt, or (preempted) all but the last output token,
+        which the next decode step feeds."""
+        return self.prompt if not self.output else self.prompt + self.output[:-1]
 
     @property
     def context_tokens(self) -> int:
@@ -131,6 +142,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.pending = 0  # requests a server holds before submit (waiting for their KV)
         self._waiting: deque[_Sequence] = deque()
+        self._prefilling: list[_Sequence] = []  # admitted, blocks allocated, chunks to go
         self._running: list[_Sequence] = []
         self._by_id: dict[str, _Sequence] = {}
         self._ids = itertools.count()
@@ -147,7 +159,7 @@ class Engine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for seq in [*self._running, *self._waiting]:
+        for seq in [*self._running, *self._prefilling, *self._waiting]:
             self._fail(seq, "the worker is shutting down", 503)
 
     @property
@@ -245,12 +257,13 @@ class Engine:
         try:
             while True:
                 self._reap()
-                if not self._running and not self._waiting:
+                if not self._running and not self._prefilling and not self._waiting:
                     self._gauges()
                     self._wake.clear()
                     await self._wake.wait()
                     continue
                 await self._admit()
+                await self._prefill_chunks()
                 if self._running:
                     await self._step()
                 self._gauges()
@@ -260,61 +273,94 @@ class Engine:
         except BaseException as error:  # a bug: fail every request visibly, not silently hang
             log.exception("the engine loop failed")
             self.failure = error
-            for seq in [*self._running, *self._waiting]:
+            for seq in [*self._running, *self._prefilling, *self._waiting]:
                 self._fail(seq, f"the engine failed: {error!r}", 500)
             raise
 
     def _reap(self) -> None:
         """Free the blocks of sequences that finished or were aborted since the last step."""
-        kept = []
-        for seq in self._running:
-            if seq.done:
+        for queue in (self._running, self._prefilling):
+            for seq in [seq for seq in queue if seq.done]:
                 self.cache.free(seq.seq_id)
-            else:
-                kept.append(seq)
-        self._running = kept
+                queue.remove(seq)
 
     async def _admit(self) -> None:
-        budget = self.max_prefill_tokens
-        while self._waiting and len(self._running) < self.max_num_seqs:
+        """Admit waiting requests while blocks and ``max_num_seqs`` allow; those to prefill
+        queue for chunks, but no more than one iteration's budget of prefill ahead (their
+        blocks are taken now, and the running sequences need blocks to grow)."""
+        while self._waiting and len(self._running) + len(self._prefilling) < self.max_num_seqs:
             seq = self._waiting[0]
             if not self.cache.can_allocate(seq.context_tokens):
                 return
-            computes = seq.kv is None
-            if computes and budget <= 0:
-                return  # enough prefill this iteration: let the running sequences step
+            if seq.kv is None and self._prefill_backlog() >= self.max_prefill_tokens:
+                return
             self._waiting.popleft()
             self.cache.allocate(seq.seq_id, seq.context_tokens)
-            try:
-                await self._fill(seq)
-            except Exception as error:
-                log.exception("prefill of request %s failed", seq.request_id)
-                self.cache.free(seq.seq_id)
-                self._fail(seq, f"prefill failed: {error}", 502)
+            if seq.kv is None:
+                seq.computed = 0
+                self._prefilling.append(seq)
                 continue
-            if computes:
-                budget -= seq.context_tokens
+            kv, seq.kv = seq.kv, None
+            try:
+                await self.thread.run(_write_kv, self.cache, seq.seq_id, kv)
+            except Exception as error:
+                self._prefill_failed(seq, error)
+                continue
+            if seq.done:  # aborted meanwhile
+                self.cache.free(seq.seq_id)
+            else:
+                self._running.append(seq)
+
+    def _prefill_backlog(self) -> int:
+        return sum(len(seq.prefill_context) - seq.computed for seq in self._prefilling)
+
+    async def _prefill_chunks(self) -> None:
+        """Up to ``max_prefill_tokens`` of prefill, oldest first; a sequence whose context is
+        all in the cache starts decoding (a fresh one with the first token sampled here)."""
+        budget = self.max_prefill_tokens
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                return
+            if seq.done:
+                continue  # aborted: reaped before the next iteration
+            context = seq.prefill_context
+            chunk = min(len(context) - seq.computed, budget)
+            try:
+                logits = await self._prefill_chunk(
+                    seq, context[seq.computed : seq.computed + chunk]
+                )
+            except Exception as error:
+                self._prefilling.remove(seq)
+                self._prefill_failed(seq, error)
+                continue
+            budget -= chunk
+            if seq.computed < len(context):
+                continue
+            self._prefilling.remove(seq)
+            if not seq.output and not seq.done:
+                token = await self.thread.run(sample, logits, seq.params, 0)
+                if not seq.done:
+                    self._emit(seq, token)
             if seq.done:  # the first token ended it, or it was aborted meanwhile
                 self.cache.free(seq.seq_id)
             else:
                 self._running.append(seq)
 
-    async def _fill(self, seq: _Sequence) -> None:
-        """Put the sequence's context K/V into the cache (and, when fresh, emit token 0)."""
-        if seq.kv is not None:
-            kv, seq.kv = seq.kv, None
-            await self.thread.run(_write_kv, self.cache, seq.seq_id, kv)
-            return
-        if not seq.output:
-            logits, kv = await self.forward.prefill(seq.prompt)
-            await self.thread.run(_write_kv, self.cache, seq.seq_id, kv)
-            token = await self.thread.run(sample, logits, seq.params, 0)
-            if not seq.done:
-                self._emit(seq, token)
-            return
-        # Preempted: recompute the K/V of everything before the last output token.
-        _, kv = await self.forward.prefill(seq.prompt + seq.output[:-1])
-        await self.thread.run(_write_kv, self.cache, seq.seq_id, kv)
+    async def _prefill_chunk(self, seq: _Sequence, tokens: list[int]) -> torch.Tensor:
+        """Prefill ``tokens`` after the sequence's ``computed`` positions; write their K/V."""
+        past = None
+        if seq.computed:
+            past = await self.thread.run(_read_kv, self.cache, seq.seq_id)
+        logits, kv = await self.forward.prefill(tokens, past)
+        start = seq.computed
+        await self.thread.run(_write_kv, self.cache, seq.seq_id, kv, start)
+        seq.computed += len(tokens)
+        return logits
+
+    def _prefill_failed(self, seq: _Sequence, error: Exception) -> None:
+        log.error("prefill of request %s failed: %r", seq.request_id, error, exc_info=error)
+        self.cache.free(seq.seq_id)
+        self._fail(seq, f"prefill failed: {error}", 502)
 
     def _make_room(self) -> None:
         """Give every running sequence a slot for its next token, preempting the youngest."""
@@ -395,13 +441,14 @@ class Engine:
         seq.events.put_nowait(ErrorEvent(message, status))
 
     def _gauges(self) -> None:
-        self.metrics.running.set(len(self._running))
+        self.metrics.running.set(len(self._running) + len(self._prefilling))
         self.metrics.waiting.set(len(self._waiting) + self.pending)
         self.metrics.kv_usage.set(self.cache.usage())
 
     def stats(self) -> dict[str, float | int]:
         return {
-            "running": len(self._running),
+            "running": len(self._running) + len(self._prefilling),
+            "prefilling": len(self._prefilling),
             "waiting": len(self._waiting) + self.pending,
             "kv_usage": self.cache.usage(),
             "free_blocks": self.cache.free_blocks,
@@ -410,10 +457,16 @@ class Engine:
         }
 
 
-def _write_kv(cache: PagedKVCache, seq_id: int, kv: KVLayers) -> None:
-    """Copy a context's K/V into the cache (received K/V arrives on the host)."""
+def _write_kv(cache: PagedKVCache, seq_id: int, kv: KVLayers, start: int = 0) -> None:
+    """Copy positions ``start``... of a context's K/V into the cache (received K/V arrives on
+    the host; a chunk's prefill returns the whole context so far)."""
     for layer, (k, v) in enumerate(kv):
-        cache.write(seq_id, layer, 0, k.to(cache.device), v.to(cache.device))
+        cache.write(seq_id, layer, start, k[start:].to(cache.device), v[start:].to(cache.device))
+
+
+def _read_kv(cache: PagedKVCache, seq_id: int) -> KVLayers:
+    """The K/V of every layer already in the cache: the past of a sequence's next chunk."""
+    return [cache.read(seq_id, layer) for layer in range(cache.config.num_layers)]
 
 
 def _sample_batch(logits: torch.Tensor, choices: list[tuple[SamplingParams, int]]) -> list[int]:

@@ -45,8 +45,11 @@ class ModelThread:
 class Forward(Protocol):
     """Prefill one sequence / decode one token for a batch, wherever the layers run."""
 
-    async def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, KVLayers]:
-        """The last position's float32 logits `[vocab]` and every layer's (K, V)."""
+    async def prefill(
+        self, tokens: list[int], past: KVLayers | None = None
+    ) -> tuple[torch.Tensor, KVLayers]:
+        """The last position's float32 logits `[vocab]` and every layer's (K, V) of the whole
+        sequence; with `past` (the K/V of the positions before `tokens`) only `tokens` run."""
         ...
 
     async def decode(
@@ -63,8 +66,11 @@ class LocalForward:
         self.model = model
         self.thread = thread
 
-    async def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, KVLayers]:
-        return await self.thread.run(self.model.prefill, torch.tensor(tokens, dtype=torch.long))
+    async def prefill(
+        self, tokens: list[int], past: KVLayers | None = None
+    ) -> tuple[torch.Tensor, KVLayers]:
+        ids = torch.tensor(tokens, dtype=torch.long)
+        return await self.thread.run(self.model.prefill, ids, past)
 
     async def decode(
         self, tokens: list[int], positions: list[int], cache: PagedKVCache, seq_ids: list[int]
@@ -109,14 +115,20 @@ class RemoteFFNForward:
             self.on_exchange(time.perf_counter() - started)
         return out
 
-    async def prefill(self, tokens: list[int]) -> tuple[torch.Tensor, KVLayers]:
+    async def prefill(
+        self, tokens: list[int], past: KVLayers | None = None
+    ) -> tuple[torch.Tensor, KVLayers]:
         model = self.model
         ids = torch.tensor(tokens, dtype=torch.long)
-        positions = torch.arange(len(tokens))
+        start = 0 if past is None else past[0][0].shape[0]
+        positions = torch.arange(start, start + len(tokens))
         h = await self.thread.run(model.embed, ids)
         kv: KVLayers = []
         for layer in range(model.config.num_layers):
-            h, k, v = await self.thread.run(model.attention_prefill, layer, h, positions)
+            before = None if past is None else past[layer]
+            h, k, v = await self.thread.run(model.attention_prefill, layer, h, positions, before)
+            if before is not None:
+                k, v = torch.cat([before[0], k]), torch.cat([before[1], v])
             kv.append((k, v))
             h = await self._remote_ffn(layer, h)
         logits = await self.thread.run(model.logits, h[-1:])
