@@ -146,3 +146,53 @@ def test_invalid_sizes_are_refused() -> None:
         PagedKVCache(CONFIG, num_blocks=0)
     with pytest.raises(IndexError, match="layer 2"):
         cache().read(1, 2)
+
+
+# ----- prefix caching -----------------------------------------------------------------------
+def prefill(c: PagedKVCache, seq: int, tokens: list[int], cached: int) -> None:
+    """Write the K/V of `tokens` after the `cached` positions the cache already shares."""
+    for layer in range(CONFIG.num_layers):
+        k, v = kv(len(tokens) - cached, offset=float(cached + 100 * layer))
+        c.write(seq, layer, cached, k, v)
+
+
+def test_a_registered_prefix_is_shared_by_the_next_sequence_and_never_written() -> None:
+    c = cache(num_blocks=8, block_size=4)
+    prompt = list(range(10))  # 2 full blocks, never the last token's
+    assert c.allocate_prefix(0, prompt, 11) == 0
+    prefill(c, 0, prompt, 0)
+    assert c.register(0, prompt) == 2 and c.cached_blocks == 2
+    other = [*prompt[:8], 42, 43, 44]
+    assert c.allocate_prefix(1, other, 12) == 8
+    assert c.block_table([0, 1])[0, :2].tolist() == c.block_table([0, 1])[1, :2].tolist()
+    assert c.length(1) == 8 and c.free_blocks == 8 - 3 - 1  # 3 own + 1 new block for seq 1
+    for layer in range(CONFIG.num_layers):
+        k0, v0 = c.read(0, layer)
+        k1, v1 = c.read(1, layer)
+        assert torch.equal(k0[:8], k1) and torch.equal(v0[:8], v1)
+    with pytest.raises(ValueError, match="cached prefix shared"):
+        c.write(1, 0, 4, *kv(1))
+    prefill(c, 1, other, 8)
+    c.free(0)  # the shared blocks stay with sequence 1
+    assert torch.equal(c.read(1, 1)[0][:8], kv(8, offset=100.0)[0])
+    c.free(1)
+    assert c.free_blocks == 8 and c.usage() == 0.0  # cached blocks count as free ...
+    assert c.allocate_prefix(2, prompt, 11) == 8  # ... and still hit
+
+
+def test_cached_blocks_are_evicted_tails_first_when_fresh_ones_run_out() -> None:
+    c = cache(num_blocks=4, block_size=4)
+    prompt = list(range(13))  # 3 full blocks
+    c.allocate_prefix(0, prompt, 13)
+    prefill(c, 0, prompt, 0)
+    c.register(0, prompt)
+    c.free(0)
+    assert c.free_blocks == 4 and c.cached_blocks == 3
+    c.allocate(9, 8)  # two fresh blocks: the free one, then the least recent cached one
+    assert c.cached_blocks == 2
+    c.free(9)
+    assert c.allocate_prefix(1, prompt, 13) == 8  # the chain's tail went, its head stayed
+    c.free(1)
+    with pytest.raises(CacheFullError, match="beside its 2 cached"):
+        c.allocate_prefix(2, prompt, 100)
+    assert 2 not in c and c.free_blocks == 4  # all or nothing

@@ -335,7 +335,7 @@ async def generate_all(
 
 
 def make_engine(
-    model: MoEDecoder, blocks: int, *, max_prefill_tokens: int = 2048
+    model: MoEDecoder, blocks: int, *, max_prefill_tokens: int = 2048, prefix_caching: bool = True
 ) -> tuple[Engine, WorkerMetrics]:
     thread = ModelThread()
     metrics = WorkerMetrics("tiny", max_model_len=CONFIG.max_position)
@@ -348,6 +348,7 @@ def make_engine(
         metrics,
         max_model_len=CONFIG.max_position,
         max_prefill_tokens=max_prefill_tokens,
+        prefix_caching=prefix_caching,
     )
     return engine, metrics
 
@@ -961,3 +962,35 @@ def test_the_pdaf_forward_prefills_after_a_past_like_the_local_one(model: MoEDec
         run(scenario())
     finally:
         thread.close()
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_the_engine_shares_cached_prompt_blocks_between_requests(
+    model: MoEDecoder, prefix_caching: bool
+) -> None:
+    """A colocated worker's paged cache keeps a system prompt's blocks: the next requests
+    share them instead of computing them, and still decode generate_greedy's tokens."""
+    system = [BOS, *b"You are kleave's test assistant; answer briefly."]
+    prompts = [system + list(b"What is PD?"), system + list(b"And PDAF?")]
+    expected = [generate_greedy(model, prompt, 10) for prompt in prompts]
+
+    async def scenario() -> tuple[list[list[int]], float, Engine]:
+        engine, metrics = make_engine(model, 32, prefix_caching=prefix_caching)
+        engine.start()
+        try:
+            params = SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=())
+            tokens = []
+            for prompt in prompts:  # one after the other: the first registers its blocks
+                ((out, _),) = await generate_all(engine, [prompt], params)
+                tokens.append(out)
+            labels = {"model_name": "tiny", "engine": "0"}
+            hits = metrics.registry.get_sample_value("vllm:prefix_cache_hits_total", labels)
+            return tokens, hits or 0.0, engine
+        finally:
+            await engine.stop()
+
+    tokens, hits, engine = run(scenario())
+    assert tokens == expected
+    assert hits == (48.0 if prefix_caching else 0.0)  # the system prompt's 3 full blocks
+    assert engine.cache.free_blocks == engine.cache.num_blocks
+    assert (engine.cache.cached_blocks > 0) is prefix_caching

@@ -92,6 +92,12 @@ _plan_option = click.option(
 @click.option("--expert-parallel", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--kv-blocks", type=click.IntRange(min=1), default=None, help="KV cache blocks.")
 @click.option(
+    "--prefix-caching/--no-prefix-caching",
+    default=True,
+    show_default=True,
+    help="colocated/decode: share the paged cache's blocks of prompt prefixes already computed.",
+)
+@click.option(
     "--prefix-cache-mb",
     type=click.FloatRange(min=0.0),
     default=64.0,
@@ -128,6 +134,7 @@ def serve(
     tensor_parallel: int,
     expert_parallel: int,
     kv_blocks: int | None,
+    prefix_caching: bool,
     prefix_cache_mb: float,
     kv_cache_mb: float,
     block_size: int,
@@ -188,6 +195,7 @@ def serve(
         kv_backend=cast("Backend", kv_backend),
         kv_arena_mb=kv_arena_mb,
         prefix_cache_mb=prefix_cache_mb,
+        prefix_caching=prefix_caching,
         weights=weights,
         torch_threads=torch_threads,
         device=device,

@@ -12,13 +12,25 @@ so layers can be written in any order (a KV receiver may get them out of order) 
 sequence never looks longer than what all layers hold. The decode path writes a token's K/V
 layer by layer and attends over `positions + 1` tokens; the length moves when the last layer
 has been written.
+
+Automatic prefix caching (vLLM's): a full block of a prefill can be ``register``ed under the
+chained key of its tokens (``prefix_cache.block_keys``), and ``allocate_prefix`` gives a new
+sequence the longest run of registered blocks its tokens match, shared (reference counted),
+so only the rest is computed. A freed block that is registered is kept, evictable, until a
+fresh block is needed and none is free: least recently freed first, and a sequence's blocks
+are freed tail first, so a cached block's parent is evicted after it. Shared blocks are never
+written: a sequence's writes start past its shared prefix (a write into it is refused).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
+
 import torch
 
 from kleave.workers.config import ModelConfig
+from kleave.workers.prefix_cache import block_keys
 
 
 class CacheFullError(RuntimeError):
@@ -62,6 +74,11 @@ class PagedKVCache:
         ]
         # A stack with block 0 on top: allocation order is deterministic (0, 1, 2, ...).
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._refs = [0] * num_blocks  # sequences using each block
+        self._key_of: dict[int, bytes] = {}  # registered blocks -> their chained key
+        self._block_of: dict[bytes, int] = {}  # ... and back
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, unused; LRU
+        self._shared: dict[int, int] = {}  # seq -> leading blocks it shares (never written)
         self._tables: dict[int, list[int]] = {}
         self._layer_lens: dict[int, list[int]] = {}
         # block_table() is called once per layer of a decode step with the same batch; the
@@ -76,13 +93,28 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        """Blocks not owned by any sequence."""
-        return len(self._free)
+        """Blocks not owned by any sequence (cached prefix blocks nobody uses included)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks registered for prefix reuse (in use or evictable)."""
+        return len(self._key_of)
 
     def can_allocate(self, num_tokens: int, seq_id: int | None = None) -> bool:
         """Whether a new sequence of `num_tokens` tokens fits (or `seq_id` can grow to it)."""
         have = len(self._tables.get(seq_id, ())) if seq_id is not None else 0
-        return self.blocks_for(num_tokens) - have <= len(self._free)
+        return self.blocks_for(num_tokens) - have <= self.free_blocks
+
+    def _take_block(self) -> int:
+        """A fresh block: a free one, else the least recently freed cached one (forgotten)."""
+        if self._free:
+            block = self._free.pop()
+        else:
+            block, _ = self._evictable.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
+        self._refs[block] = 1
+        return block
 
     def allocate(self, seq_id: int, num_tokens: int) -> None:
         """Make sure `seq_id` has blocks for `num_tokens` tokens in total (it only grows).
@@ -93,28 +125,83 @@ class PagedKVCache:
         table = self._tables.get(seq_id)
         have = len(table) if table is not None else 0
         need = self.blocks_for(num_tokens) - have
-        if need > len(self._free):
+        if need > self.free_blocks:
             raise CacheFullError(
                 f"KV cache full: sequence {seq_id} needs {need} more block(s) of "
                 f"{self.block_size} tokens for {num_tokens} tokens, but only "
-                f"{len(self._free)} of {self.num_blocks} are free; free finished sequences, "
+                f"{self.free_blocks} of {self.num_blocks} are free; free finished sequences, "
                 f"admit fewer, or size the cache larger"
             )
         if table is None:
             table = self._tables[seq_id] = []
             self._layer_lens[seq_id] = [0] * self.config.num_layers
         if need > 0:
-            table.extend(self._free.pop() for _ in range(need))
+            table.extend(self._take_block() for _ in range(need))
             self._version += 1
+
+    def allocate_prefix(self, seq_id: int, tokens: Sequence[int], num_tokens: int) -> int:
+        """Allocate a new sequence of `num_tokens` tokens whose first blocks are the longest
+        registered chain `tokens` matches (never all of `tokens`: its last token is computed);
+        returns the tokens whose K/V are already there. All or nothing, like `allocate`."""
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id} already has blocks")
+        hits: list[int] = []
+        for key in block_keys(tokens[: max(0, len(tokens) - 1)], self.block_size):
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            hits.append(block)
+        idle_hits = sum(1 for block in hits if block in self._evictable)
+        need = self.blocks_for(num_tokens) - len(hits)
+        if need > self.free_blocks - idle_hits:
+            raise CacheFullError(
+                f"KV cache full: sequence {seq_id} needs {need} block(s) of {self.block_size} "
+                f"tokens beside its {len(hits)} cached ones, but only "
+                f"{self.free_blocks - idle_hits} of {self.num_blocks} are free"
+            )
+        for block in hits:
+            self._evictable.pop(block, None)
+            self._refs[block] += 1
+        self._tables[seq_id] = hits
+        self._shared[seq_id] = len(hits)
+        cached = len(hits) * self.block_size
+        self._layer_lens[seq_id] = [cached] * self.config.num_layers
+        self._version += 1
+        self.allocate(seq_id, num_tokens)
+        return cached
+
+    def register(self, seq_id: int, tokens: Sequence[int]) -> int:
+        """Offer the sequence's full blocks of `tokens` (its first positions, all written) for
+        reuse by later sequences; returns how many blocks became newly reusable."""
+        table = self._tables.get(seq_id, [])
+        written = min(len(tokens), self.length(seq_id))
+        added = 0
+        for index, key in enumerate(block_keys(tokens[:written], self.block_size)):
+            block = table[index]
+            if key in self._block_of or block in self._key_of:
+                continue  # the same prefix is cached already (another sequence computed it)
+            self._block_of[key] = block
+            self._key_of[block] = key
+            added += 1
+        return added
 
     def free(self, seq_id: int) -> None:
         """Return the sequence's blocks to the pool (unknown ids are ignored: freeing twice is
-        harmless, which keeps abort paths simple)."""
+        harmless, which keeps abort paths simple). Registered blocks stay cached, evictable."""
         table = self._tables.pop(seq_id, None)
         self._layer_lens.pop(seq_id, None)
-        if table:
-            self._free.extend(reversed(table))
-            self._version += 1
+        self._shared.pop(seq_id, None)
+        if not table:
+            return
+        for block in reversed(table):  # the tail first: it is evicted before its parents
+            self._refs[block] -= 1
+            if self._refs[block] > 0:
+                continue
+            if block in self._key_of:
+                self._evictable[block] = None
+            else:
+                self._free.append(block)
+        self._version += 1
 
     def __contains__(self, seq_id: object) -> bool:
         return seq_id in self._tables
@@ -126,7 +213,7 @@ class PagedKVCache:
 
     def usage(self) -> float:
         """The fraction of blocks in use (what vllm:kv_cache_usage_perc reports)."""
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self.free_blocks / self.num_blocks
 
     # ----- lengths ----------------------------------------------------------------------------
     def length(self, seq_id: int) -> int:
@@ -145,6 +232,14 @@ class PagedKVCache:
         bs = self.block_size
         slots = [table[p // bs] * bs + p % bs for p in range(start, start + count)]
         return torch.tensor(slots, dtype=torch.long, device=self.device)
+
+    def _check_not_shared(self, seq_id: int, start: int) -> None:
+        shared = self._shared.get(seq_id, 0) * self.block_size
+        if start < shared:
+            raise ValueError(
+                f"write at {start} for sequence {seq_id} would change its first {shared} "
+                "tokens, which are a cached prefix shared with other sequences"
+            )
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.config.num_layers:
@@ -169,6 +264,7 @@ class PagedKVCache:
                 f"write at {start} for sequence {seq_id} layer {layer} would leave a hole: "
                 f"{written} token(s) are written there"
             )
+        self._check_not_shared(seq_id, start)
         self.allocate(seq_id, start + count)
         if count == 0:
             return
@@ -201,6 +297,7 @@ class PagedKVCache:
                     f"write at {position} for sequence {seq_id} layer {layer} would leave a "
                     f"hole: {written} token(s) are written there"
                 )
+            self._check_not_shared(seq_id, position)
             self.allocate(seq_id, position + 1)
         bs = self.block_size
         slots = torch.tensor(

@@ -129,6 +129,7 @@ class DecodeServer:
                 max_model_len=self.plan.config.max_position,
                 max_num_seqs=self.options.max_num_seqs,
                 max_prefill_tokens=self.options.max_prefill_tokens,
+                prefix_caching=self.options.prefix_caching,
             )
             self.engine.start()
         except Exception as error:

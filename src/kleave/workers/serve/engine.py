@@ -9,7 +9,9 @@ delays the running sequences' next token by one chunk, not by its whole prefill.
 enters in one of three ways, and all three leave it in the same state (its context's K/V in
 the cache, its last output token to be fed next):
 
-* fresh (colocated): the engine prefills it, and the last chunk yields the first token;
+* fresh (colocated): the engine prefills it, and the last chunk yields the first token; with
+  prefix caching the cache's blocks of a prefix an earlier request computed are shared and
+  only the rest is prefilled (``PagedKVCache.allocate_prefix``);
 * with received KV (PD/PDAF decode): the prefill worker's K/V are copied into the cache and the
   prefill worker's first token is the first output;
 * preempted: when a running sequence needs a block and none is free, the youngest running
@@ -132,6 +134,7 @@ class Engine:
         max_model_len: int,
         max_num_seqs: int = 64,
         max_prefill_tokens: int = 2048,
+        prefix_caching: bool = True,
     ) -> None:
         self.forward = forward
         self.cache = cache
@@ -140,6 +143,7 @@ class Engine:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_caching = prefix_caching
         self.pending = 0  # requests a server holds before submit (waiting for their KV)
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: list[_Sequence] = []  # admitted, blocks allocated, chunks to go
@@ -295,11 +299,11 @@ class Engine:
             if seq.kv is None and self._prefill_backlog() >= self.max_prefill_tokens:
                 return
             self._waiting.popleft()
-            self.cache.allocate(seq.seq_id, seq.context_tokens)
             if seq.kv is None:
-                seq.computed = 0
+                self._allocate_for_prefill(seq)
                 self._prefilling.append(seq)
                 continue
+            self.cache.allocate(seq.seq_id, seq.context_tokens)
             kv, seq.kv = seq.kv, None
             try:
                 await self.thread.run(_write_kv, self.cache, seq.seq_id, kv)
@@ -310,6 +314,18 @@ class Engine:
                 self.cache.free(seq.seq_id)
             else:
                 self._running.append(seq)
+
+    def _allocate_for_prefill(self, seq: _Sequence) -> None:
+        """Blocks for the whole context; with prefix caching the cached start of its prefill
+        is shared, not computed (``computed`` starts there)."""
+        context = seq.prefill_context
+        if not self.prefix_caching:
+            self.cache.allocate(seq.seq_id, seq.context_tokens)
+            seq.computed = 0
+            return
+        seq.computed = self.cache.allocate_prefix(seq.seq_id, context, seq.context_tokens)
+        self.metrics.prefix_cache_queries.inc(len(context))
+        self.metrics.prefix_cache_hits.inc(seq.computed)
 
     def _prefill_backlog(self) -> int:
         return sum(len(seq.prefill_context) - seq.computed for seq in self._prefilling)
@@ -337,6 +353,8 @@ class Engine:
             if seq.computed < len(context):
                 continue
             self._prefilling.remove(seq)
+            if self.prefix_caching:
+                self.cache.register(seq.seq_id, context)
             if not seq.output and not seq.done:
                 token = await self.thread.run(sample, logits, seq.params, 0)
                 if not seq.done:
@@ -452,6 +470,7 @@ class Engine:
             "waiting": len(self._waiting) + self.pending,
             "kv_usage": self.cache.usage(),
             "free_blocks": self.cache.free_blocks,
+            "cached_blocks": self.cache.cached_blocks,
             "num_blocks": self.cache.num_blocks,
             "block_size": self.cache.block_size,
         }

@@ -43,6 +43,7 @@ class WorkerOptions:
     kv_backend: Backend = "tcp"  # prefill: how KV reaches decode (the receiver takes what comes)
     kv_arena_mb: float = 32.0  # shm/cuda_ipc: the shared ring per decode peer
     prefix_cache_mb: float = 64.0  # prefill: K/V of recent prompts' full blocks (0: off)
+    prefix_caching: bool = True  # colocated/decode: reuse cached prompt blocks in the paged cache
     weights: Path | None = None
     torch_threads: int | None = None
     device: str = "cpu"
