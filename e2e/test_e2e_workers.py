@@ -54,9 +54,19 @@ def reference() -> list[list[int]]:
 
 
 def start_plane(
-    tmp: Path, topology: str, counts: dict[str, int], kv_backend: str = "auto"
+    tmp: Path,
+    topology: str,
+    counts: dict[str, int],
+    kv_backend: str = "auto",
+    role_args: dict[str, list[str]] | None = None,
 ) -> LocalDataPlane:
-    plane = LocalDataPlane(topology=topology, state_dir=tmp, counts=counts, kv_backend=kv_backend)
+    plane = LocalDataPlane(
+        topology=topology,
+        state_dir=tmp,
+        counts=counts,
+        kv_backend=kv_backend,
+        role_args=role_args or {},
+    )
     plane.start()
     return plane
 
@@ -72,8 +82,14 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDataPlane]:
 def pdaf(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDataPlane]:
     counts = {"prefill": 1, "attention": 1, "ffn": 2}
     # PD runs the default (the shared-memory ring on one host), PDAF the socket: both
-    # backends between real processes.
-    plane = start_plane(tmp_path_factory.mktemp("pdaf"), "PDAF", counts, kv_backend="tcp")
+    # backends between real processes. Each FFN worker splits its experts over two ranks.
+    plane = start_plane(
+        tmp_path_factory.mktemp("pdaf"),
+        "PDAF",
+        counts,
+        kv_backend="tcp",
+        role_args={"ffn": ["--expert-parallel", "2"]},
+    )
     yield plane
     plane.stop()
 
@@ -112,6 +128,11 @@ def test_pdaf_processes_generate_exactly_generate_greedys_tokens(
     prefill = next(p for p in pdaf.processes if p.name.startswith("prefill"))
     with urllib.request.urlopen(f"{prefill.url}/v1/info", timeout=10) as response:
         assert json.load(response)["kv_backend"] == "tcp"
+    for ffn in (p for p in pdaf.processes if p.name.startswith("ffn")):
+        with urllib.request.urlopen(f"{ffn.url}/v1/info", timeout=10) as response:
+            info = json.load(response)
+        assert info["expert_parallel"] == 2
+        assert info["weights"]["parameters"] == 98_944  # of 148,096: half the routed experts
     attention = pdaf.workers("attention")[0]
     metrics = urllib.request.urlopen(f"{attention.url}/metrics", timeout=5).read().decode()
     exchanges = next(

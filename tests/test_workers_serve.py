@@ -482,6 +482,7 @@ async def plane(
     counts: Mapping[str, int] | None = None,
     refresh_s: float = 0.2,
     kv_backend: Backend = "tcp",
+    ffn_expert_parallel: int = 1,
 ) -> AsyncIterator[Plane]:
     """Every server of `topology` (`counts` per role, default one) plus the router, in this
     event loop on real sockets."""
@@ -508,6 +509,7 @@ async def plane(
                     port=port,
                     kv_blocks=kv_blocks,
                     kv_backend=kv_backend,
+                    expert_parallel=ffn_expert_parallel if role == "ffn" else 1,
                 )
                 server: PrefillServer | DecodeServer | FFNWorker
                 if role == "prefill":
@@ -994,3 +996,35 @@ def test_the_engine_shares_cached_prompt_blocks_between_requests(
     assert hits == (48.0 if prefix_caching else 0.0)  # the system prompt's 3 full blocks
     assert engine.cache.free_blocks == engine.cache.num_blocks
     assert (engine.cache.cached_blocks > 0) is prefix_caching
+
+
+def test_an_ffn_worker_splits_its_experts_over_two_ranks_exactly(
+    model: MoEDecoder, reference: list[list[int]]
+) -> None:
+    """PDAF with the FFN worker's experts on two gloo ranks (this process and one it starts):
+    each layer's output is the whole model's to float32 rounding (the expert GEMMs see other
+    batches of rows), and the tokens are generate_greedy's; the other rank stops with the
+    worker."""
+
+    async def scenario() -> tuple[list[list[int]], Any]:
+        async with plane("PDAF", ffn_expert_parallel=2) as p:
+            (url,) = p.workers["ffn"]
+            ffn = p.servers[url]
+            assert isinstance(ffn, FFNWorker) and ffn.ep is not None
+            experts = ffn.ep.model._ffn(0).experts_gate_up
+            assert isinstance(experts, torch.Tensor)
+            held = experts.shape[0]
+            assert held == CONFIG.num_experts // 2  # its half of the experts only
+            h = torch.randn(7, CONFIG.hidden_size, generator=torch.Generator().manual_seed(5))
+            loop = asyncio.get_running_loop()
+            for layer in range(CONFIG.num_layers):
+                split = await loop.run_in_executor(None, ffn.ep.ffn, layer, h)
+                torch.testing.assert_close(split, model.ffn(layer, h), rtol=0, atol=1e-5)
+            tokens = list(
+                await asyncio.gather(*(completion_tokens(p, prompt, 24) for prompt in PROMPTS))
+            )
+            return tokens, ffn._ranks
+
+    tokens, ranks = run(scenario())
+    assert tokens == reference
+    assert [rank.returncode for rank in ranks] == [0]  # told to stop, not killed

@@ -152,10 +152,15 @@ def serve(
     _logging(log_level)
     from kleave.workers.serve.plan import PlanError, load_plan
 
-    if tensor_parallel > 1 or expert_parallel > 1:
+    if tensor_parallel > 1:
         raise _Failure(
-            "--tensor-parallel and --expert-parallel > 1 are not supported by `kleave workers "
-            "serve` yet: set spec.pools.<role>.parallelism to 1"
+            "--tensor-parallel > 1 is not supported by `kleave workers serve` yet: set "
+            "spec.pools.<role>.parallelism.tensor to 1"
+        )
+    if expert_parallel > 1 and role != "ffn":
+        raise _Failure(
+            f"--expert-parallel > 1 splits the experts of an ffn worker (PDAF); the {role} "
+            "worker runs the whole FFN: set its pool's parallelism.expert to 1"
         )
     from kleave.workers.transport.framing import TransportError
     from kleave.workers.transport.kv_transfer import check_backend
@@ -196,6 +201,7 @@ def serve(
         kv_arena_mb=kv_arena_mb,
         prefix_cache_mb=prefix_cache_mb,
         prefix_caching=prefix_caching,
+        expert_parallel=expert_parallel,
         weights=weights,
         torch_threads=torch_threads,
         device=device,
@@ -279,6 +285,13 @@ def router(
     help="Decode workers (Colocated: the colocated workers; PDAF: the attention workers).",
 )
 @click.option("--ffn", type=click.IntRange(min=1), default=1, show_default=True, help="PDAF only.")
+@click.option(
+    "--ffn-expert-parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="PDAF: split each FFN worker's experts over this many processes.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Weights seed, all workers.")
 @click.option(
     "--state-dir",
@@ -309,6 +322,7 @@ def up(
     prefill: int,
     decode: int,
     ffn: int,
+    ffn_expert_parallel: int,
     seed: int,
     state_dir: Path | None,
     kv_blocks: int | None,
@@ -333,6 +347,7 @@ def up(
         seed=seed,
         kv_backend=kv_backend,
         device=device,
+        role_args={"ffn": ("--expert-parallel", str(ffn_expert_parallel))},
         worker_args=("--kv-blocks", str(kv_blocks)) if kv_blocks else (),
     )
     stopping: list[int] = []

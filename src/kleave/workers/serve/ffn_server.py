@@ -4,7 +4,8 @@ It holds no KV cache and sees no requests, only activations: ``FFNServer`` answe
 ``ffn(layer, h)`` on the activation port, and HTTP serves health, ``/v1/info`` (which carries
 that port, so attention workers can find it) and metrics: how many layer calls and token rows
 it computed and how long each took. It has no vLLM request metrics: the attention worker in
-front of it counts the requests.
+front of it counts the requests. With ``--expert-parallel N`` its experts are split over N
+ranks, this process and N-1 it starts (``ep_ffn``).
 """
 
 from __future__ import annotations
@@ -12,14 +13,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import subprocess
 import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from kleave.workers.model import MoEDecoder
+from kleave.workers.serve.ep_ffn import (
+    ExpertParallelFFN,
+    RankArgs,
+    build_rank,
+    check_expert_parallel,
+    free_port,
+    start_ranks,
+)
 from kleave.workers.serve.http import add_health_routes, errors_middleware
 from kleave.workers.serve.metrics import TRANSFER_BUCKETS
 from kleave.workers.serve.plan import ServingPlan
@@ -63,6 +74,8 @@ class FFNWorker:
         self.server: ActivationServer | None = None
         self.load_error: str | None = None
         self._loading: asyncio.Task[None] | None = None
+        self.ep: ExpertParallelFFN | None = None
+        self._ranks: list[subprocess.Popen[bytes]] = []
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware])
@@ -77,7 +90,7 @@ class FFNWorker:
         """Runs on the activation server's compute thread."""
         assert self.model is not None
         started = time.perf_counter()
-        out = self.model.ffn(layer, h)
+        out = self.ep.ffn(layer, h) if self.ep is not None else self.model.ffn(layer, h)
         self.metrics.compute_seconds.observe(time.perf_counter() - started)
         self.metrics.calls.inc()
         self.metrics.tokens.inc(h.shape[0])
@@ -88,12 +101,33 @@ class FFNWorker:
 
     async def _load(self) -> None:
         try:
-            self.model = await asyncio.to_thread(build_model, self.plan, self.options)
+            if self.options.expert_parallel > 1:
+                self.ep = await self._start_expert_parallel()
+                self.model = self.ep.model
+            else:
+                self.model = await asyncio.to_thread(build_model, self.plan, self.options)
             self.server = ActivationServer(self._ffn, device=self.model.device)
             await self.server.start(self.options.host, self.options.af_port)
         except Exception as error:
             log.exception("the FFN worker failed to start")
             self.load_error = f"{type(error).__name__}: {error}"
+
+    async def _start_expert_parallel(self) -> ExpertParallelFFN:
+        world = self.options.expert_parallel
+        check_expert_parallel(self.plan.config, world)
+        args = RankArgs(
+            rank=0,
+            world=world,
+            port=free_port(),
+            config=self.plan.config.to_dict(),
+            seed=self.plan.seed,
+            weights=str(self.options.weights) if self.options.weights else None,
+            device=self.options.device,
+            torch_threads=self.options.torch_threads,
+        )
+        self._ranks = start_ranks(args)
+        log.info("expert parallel over %d ranks (pids %s)", world, [p.pid for p in self._ranks])
+        return await asyncio.to_thread(build_rank, args)
 
     async def _on_cleanup(self, _: web.Application) -> None:
         if self._loading is not None:
@@ -102,6 +136,22 @@ class FFNWorker:
                 await self._loading
         if self.server is not None:
             await self.server.close()
+        await asyncio.to_thread(self._stop_ranks)
+
+    def _stop_ranks(self) -> None:
+        """Tell the other ranks to stop (no layer call runs now), then reap them."""
+        if self.ep is not None:
+            with contextlib.suppress(Exception):
+                self.ep.stop()
+        for child in self._ranks:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self.ep = None
 
     def not_ready(self) -> str | None:
         if self.load_error is not None:
@@ -115,5 +165,6 @@ class FFNWorker:
             "role": "ffn",
             **plan_info(self.plan, self.model),
             "af_port": self.server.port if self.server is not None else None,
+            "expert_parallel": self.options.expert_parallel,
             "af_host": self.options.advertise_host,
         }

@@ -75,6 +75,7 @@ class LocalDataPlane:
     kv_backend: str = "auto"  # auto: a shared ring (one host), see local_kv_backend
     device: str = "cpu"  # every worker's --device (cuda: all share the one GPU)
     worker_args: Sequence[str] = ()  # appended to every `workers serve`
+    role_args: Mapping[str, Sequence[str]] = field(default_factory=dict)  # ... of one role
     router_args: Sequence[str] = ()
     ready_timeout_s: float = 120.0
     processes: list[LocalProcess] = field(default_factory=list)
@@ -166,6 +167,7 @@ class LocalDataPlane:
             "--torch-threads",
             "1",
             *self.worker_args,
+            *self.role_args.get(role, ()),
         ]
 
     def start(self) -> None:

@@ -44,6 +44,7 @@ class WorkerOptions:
     kv_arena_mb: float = 32.0  # shm/cuda_ipc: the shared ring per decode peer
     prefix_cache_mb: float = 64.0  # prefill: K/V of recent prompts' full blocks (0: off)
     prefix_caching: bool = True  # colocated/decode: reuse cached prompt blocks in the paged cache
+    expert_parallel: int = 1  # ffn: ranks (processes, GPUs) the experts are split over
     weights: Path | None = None
     torch_threads: int | None = None
     device: str = "cpu"

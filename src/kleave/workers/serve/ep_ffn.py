@@ -1,0 +1,241 @@
+"""Expert parallelism inside an FFN worker: its experts split over several processes.
+
+``kleave workers serve --role ffn --expert-parallel N`` holds a MoE model's experts on N ranks
+(one process, and on GPUs one device, per rank) with DeepEP's semantics (``transport.ep``):
+rank 0 is the worker the attention workers talk to, ranks 1..N-1 are processes it starts.
+Every rank keeps the layers' norms and only its contiguous slice of the experts; rank 0 also
+keeps the routers and the shared experts. Per layer call, rank 0 tells the other ranks which
+layer (a two-number broadcast), normalises and routes its tokens, and all ranks run
+``dispatch`` (each token to the ranks of its top-k experts), their experts over what they
+received (``fused_moe`` with local ids), and ``combine`` (the weighted rows back to rank 0,
+summed per token); rank 0 then adds the shared experts and the residual. Outputs match
+``MoEDecoder.ffn`` to float32 rounding, not bit for bit: each rank's expert GEMMs run over a
+different batch of rows, and with k > 2 the partial sums are added in another order (tested:
+within 1e-5, and greedy tokens the same).
+
+The ranks form one ``torch.distributed`` world (gloo on CPU, NCCL on GPUs) through a
+``TCPStore`` that rank 0 hosts on the loopback interface. A rank whose peer dies gets an error
+from its next collective and exits; rank 0 then fails the layer call, which the attention
+worker reports (it retries once on another FFN worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kleave.workers.config import ModelConfig
+from kleave.workers.kernels import fused_moe
+from kleave.workers.model import MoEDecoder, _MoEFFN, _swiglu, rms_norm
+from kleave.workers.transport.ep import DistributedEPGroup, EPBuffer
+
+log = logging.getLogger(__name__)
+
+STOP = -1  # the layer number of the broadcast that ends the other ranks' loop
+TIMEOUT_S = 120.0  # forming the world, and any one collective
+
+
+@dataclass(frozen=True)
+class RankArgs:
+    """What a rank process needs: the world and the model (JSON on its command line)."""
+
+    rank: int
+    world: int
+    port: int
+    config: dict[str, Any]
+    seed: int
+    weights: str | None
+    device: str
+    torch_threads: int | None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> RankArgs:
+        return cls(**json.loads(text))
+
+
+def check_expert_parallel(config: ModelConfig, world: int) -> None:
+    """Refuse a model EP cannot split, with the reason."""
+    if config.num_experts == 0:
+        raise ValueError("--expert-parallel needs a MoE model; this one's FFN is dense")
+    if config.num_experts % world:
+        raise ValueError(
+            f"--expert-parallel {world} does not divide the model's {config.num_experts} experts"
+        )
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def rank_device(device: str, rank: int) -> str:
+    """Rank r's device: the r-th GPU when the worker's device is ``cuda`` (a pod with N GPUs)."""
+    if device == "cuda":
+        return f"cuda:{rank}"
+    return device
+
+
+def keep_expert_shard(model: MoEDecoder, rank: int, world: int) -> None:
+    """Drop the experts that live on other ranks (and, off rank 0, the routers' users: the
+    shared experts), so each rank holds its slice only."""
+    per_rank = model.config.num_experts // world
+    for layer in range(model.config.num_layers):
+        ffn = model._ffn(layer)
+        assert isinstance(ffn, _MoEFFN)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        ffn.experts_gate_up = torch.nn.Parameter(ffn.experts_gate_up[mine].clone(), False)
+        ffn.experts_down = torch.nn.Parameter(ffn.experts_down[mine].clone(), False)
+        if rank != 0:
+            ffn.shared_gate_up = None
+            ffn.shared_down = None
+
+
+class ExpertParallelFFN:
+    """One rank's share of every MoE layer; rank 0's ``ffn`` is what the FFN server calls."""
+
+    def __init__(self, model: MoEDecoder, rank: int, world: int) -> None:
+        self.model = model
+        self.rank = rank
+        self.world = world
+        config = model.config
+        self.buffer = EPBuffer(DistributedEPGroup(), config.num_experts, config.hidden_size)
+
+    def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Rank 0: ``h + FFN(norm(h))`` of one layer, the experts' part spread over the ranks."""
+        assert self.rank == 0
+        self._announce(layer, h.shape[0])
+        return self._layer(layer, h)
+
+    def stop(self) -> None:
+        """Rank 0: end the other ranks' loops."""
+        self._announce(STOP, 0)
+
+    def _announce(self, layer: int, tokens: int) -> None:
+        header = torch.tensor([layer, tokens], dtype=torch.int64, device=self._comm_device)
+        dist.broadcast(header, 0)
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.model.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def serve(self) -> None:
+        """Ranks 1..N-1: follow rank 0's layer calls until it says stop (or dies)."""
+        hidden = self.model.config.hidden_size
+        while True:
+            header = torch.empty(2, dtype=torch.int64, device=self._comm_device)
+            dist.broadcast(header, 0)
+            layer = int(header[0])
+            if layer == STOP:
+                return
+            nothing = torch.empty((0, hidden), dtype=self.model.dtype, device=self.model.device)
+            self._layer(layer, nothing)
+
+    @torch.inference_mode()
+    def _layer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        model, config = self.model, self.model.config
+        ffn = model._ffn(layer)
+        assert isinstance(ffn, _MoEFFN)
+        x = rms_norm(h, ffn.norm, config.rms_norm_eps)
+        if self.rank == 0:
+            weights, ids = model.route(layer, x)
+        else:
+            k = config.num_experts_per_tok
+            weights = torch.empty((0, k), dtype=torch.float32, device=x.device)
+            ids = torch.empty((0, k), dtype=torch.int64, device=x.device)
+        sent = self.buffer.dispatch(x, ids, weights)
+        # Slots whose expert lives elsewhere arrive as id -1 with weight 0: point them at a
+        # local expert with weight 0, which adds exactly nothing.
+        local_ids = sent.recv_topk_idx.clamp(min=0)
+        local_weights = sent.recv_topk_weights.masked_fill(sent.recv_topk_idx < 0, 0.0)
+        rows = fused_moe(
+            sent.recv_x, ffn.experts_gate_up, ffn.experts_down, local_weights, local_ids
+        )
+        out = self.buffer.combine(rows, sent.handle)
+        if ffn.shared_gate_up is not None and ffn.shared_down is not None:
+            out = out + _swiglu(x, ffn.shared_gate_up, ffn.shared_down)
+        return h + out
+
+
+def init_world(rank: int, world: int, port: int, device: str) -> None:
+    """Join the rank-0-hosted world on 127.0.0.1:port."""
+    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        "127.0.0.1", port, world, rank == 0, timeout=timeout, wait_for_workers=False
+    )
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(
+        backend_for(device), store=store, rank=rank, world_size=world, timeout=timeout
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_ranks(args: RankArgs) -> list[subprocess.Popen[bytes]]:
+    """Rank 0 starts ranks 1..N-1 as child processes (they die with it: see ``serve``)."""
+    children = []
+    for rank in range(1, args.world):
+        child_args = RankArgs(**{**args.__dict__, "rank": rank})
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "kleave.workers.serve.ep_ffn", child_args.to_json()],
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        )
+    return children
+
+
+def build_rank(args: RankArgs) -> ExpertParallelFFN:
+    """Build this rank's model shard and join the world (rank 0 too, after ``start_ranks``)."""
+    config = ModelConfig.from_dict(args.config)
+    check_expert_parallel(config, args.world)
+    device = rank_device(args.device, args.rank)
+    if args.weights is None:
+        model = MoEDecoder(config, seed=args.seed, device=device, part="ffn")
+    else:
+        model = MoEDecoder.from_safetensors(Path(args.weights), device=device, part="ffn")
+    keep_expert_shard(model, args.rank, args.world)
+    init_world(args.rank, args.world, args.port, device)
+    return ExpertParallelFFN(model, args.rank, args.world)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one expert-parallel rank of an FFN worker")
+    parser.add_argument("args", help="RankArgs as JSON")
+    args = RankArgs.from_json(parser.parse_args(argv).args)
+    logging.basicConfig(level=logging.INFO, format=f"ep rank {args.rank}: %(message)s")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    try:
+        with torch.inference_mode():
+            build_rank(args).serve()
+    except Exception as error:  # rank 0 went away, or a collective failed
+        log.error("stopping: %s", str(error).splitlines()[0] if str(error) else repr(error))
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
