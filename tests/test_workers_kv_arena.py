@@ -10,6 +10,10 @@ import asyncio
 import glob
 import hashlib
 import os
+import socket
+import subprocess
+import sys
+import textwrap
 from collections.abc import Awaitable
 from typing import Any
 
@@ -22,7 +26,13 @@ from kleave.workers.transport.framing import (
     read_frame,
     send_message,
 )
-from kleave.workers.transport.kv_arena import ALIGN, SharedArena, place
+from kleave.workers.transport.kv_arena import (
+    ALIGN,
+    HEADER_BYTES,
+    ArenaError,
+    SharedArena,
+    place,
+)
 from kleave.workers.transport.kv_transfer import (
     PROTOCOL_VERSION,
     KVReceiver,
@@ -199,3 +209,52 @@ def test_the_kv_benchmark_measures_both_host_backends_between_processes() -> Non
         assert result.seconds > 0 and result.gbps == pytest.approx((1 << 20) / result.seconds / 1e9)
         assert result.vs_copy == pytest.approx(result.gbps)
     assert our_arena_files() == []
+
+
+def test_a_live_connection_on_a_high_descriptor_does_not_look_closed() -> None:
+    """Busy workers pass descriptor 1024, where select() refuses to look (review finding)."""
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(a.fileno(), 1500))
+    sender = KVSender(high, "peer")
+    try:
+        assert not sender.peer_closed()
+        b.close()
+        assert sender.peer_closed()
+    finally:
+        sender._queue.put(None)
+        sender._thread.join()
+        high.close()
+        a.close()
+
+
+def test_attach_refuses_a_foreign_file_without_deleting_it() -> None:
+    for name in ("someone-elses", "kleave-kv-not-one"):  # wrong name; right name, no magic
+        path = f"/dev/shm/{name}-{os.getpid()}"
+        with open(path, "wb") as f:
+            f.write(b"\0" * (HEADER_BYTES + 256))
+        try:
+            with pytest.raises(ArenaError, match=r"not named like|not a kleave KV arena"):
+                SharedArena.attach({"kind": "shm", "path": path, "capacity": 256})
+            assert os.path.exists(path)
+        finally:
+            os.unlink(path)
+
+
+def test_closing_an_arena_keeps_memory_a_tensor_still_views() -> None:
+    """A copy out of the ring may still run in a thread when the connection closes: closing
+    must not unmap under it (it did, and the process died with SIGSEGV)."""
+    script = textwrap.dedent(
+        """
+        from kleave.workers.transport.kv_arena import SharedArena
+        sender = SharedArena.create("shm", 1 << 20)
+        receiver = SharedArena.attach(sender.spec())
+        view = receiver.data[0:1024]
+        receiver.close()
+        sender.close()
+        print(int(view.sum()))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], check=False, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "0", done.stderr[-300:]

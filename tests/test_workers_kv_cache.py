@@ -196,3 +196,18 @@ def test_cached_blocks_are_evicted_tails_first_when_fresh_ones_run_out() -> None
     with pytest.raises(CacheFullError, match="beside its 2 cached"):
         c.allocate_prefix(2, prompt, 100)
     assert 2 not in c and c.free_blocks == 4  # all or nothing
+
+
+def test_admission_counts_a_cached_prefix_as_already_there() -> None:
+    """A request sharing 7 cached blocks needs 1 fresh one: it fits where a private copy of
+    its 8 would not (what the engine asks before admitting it)."""
+    c = cache(num_blocks=10, block_size=4)
+    prompt = list(range(100, 128))  # 7 full blocks
+    c.allocate_prefix(0, [*prompt, 1], 29)  # 8 blocks: the prompt and a decode token
+    prefill(c, 0, [*prompt, 1], 0)
+    c.register(0, [*prompt, 1])
+    other = [*prompt, 7, 8]
+    assert not c.can_allocate(30)  # 8 blocks of 2 free
+    assert c.can_allocate_prefix(other, 30)
+    assert c.allocate_prefix(1, other, 30) == 28 and c.free_blocks == 1
+    assert not c.can_allocate_prefix(other, 30 + 2 * 4)  # 3 fresh blocks would be needed

@@ -31,9 +31,11 @@ from kleave.operator.serving_plan import build_plan
 from kleave.workers.config import MODEL_PRESETS
 from kleave.workers.kv_cache import PagedKVCache
 from kleave.workers.model import MoEDecoder, generate_greedy
+from kleave.workers.serve import engine as engine_module
 from kleave.workers.serve.decode_server import DecodeServer
 from kleave.workers.serve.engine import (
     Engine,
+    ErrorEvent,
     FinishEvent,
     RejectedRequestError,
     TokenEvent,
@@ -1028,3 +1030,40 @@ def test_an_ffn_worker_splits_its_experts_over_two_ranks_exactly(
     tokens, ranks = run(scenario())
     assert tokens == reference
     assert [rank.returncode for rank in ranks] == [0]  # told to stop, not killed
+
+
+def test_a_sampling_error_fails_its_request_and_not_the_engine(
+    model: MoEDecoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first token is sampled after the last prefill chunk; if sampling raises (NaN
+    logits, say), that request gets a 502 and the engine serves the next one."""
+    real = engine_module.sample
+
+    def sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
+        if params.seed == 13:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real(logits, params, index)
+
+    monkeypatch.setattr(engine_module, "sample", sample)
+
+    async def scenario() -> tuple[Any, Any, Engine]:
+        engine, _ = make_engine(model, 64)
+        engine.start()
+        try:
+
+            async def last_event(request_id: str, seed: int) -> Any:
+                params = SamplingParams(max_tokens=4, temperature=0.0, stop_token_ids=(), seed=seed)
+                async for event in engine.submit(request_id, PROMPTS[1], params):
+                    if not isinstance(event, TokenEvent):
+                        return event
+                raise AssertionError("no final event")
+
+            bad = await last_event("bad", 13)
+            assert engine.cache.free_blocks == engine.cache.num_blocks  # its block is back
+            return bad, await last_event("good", 1), engine
+        finally:
+            await engine.stop()
+
+    bad, good, engine = run(scenario())
+    assert isinstance(bad, ErrorEvent) and bad.status == 502 and "inf, nan" in bad.message
+    assert isinstance(good, FinishEvent) and engine.failure is None

@@ -139,25 +139,42 @@ class PagedKVCache:
             table.extend(self._take_block() for _ in range(need))
             self._version += 1
 
-    def allocate_prefix(self, seq_id: int, tokens: Sequence[int], num_tokens: int) -> int:
-        """Allocate a new sequence of `num_tokens` tokens whose first blocks are the longest
-        registered chain `tokens` matches (never all of `tokens`: its last token is computed);
-        returns the tokens whose K/V are already there. All or nothing, like `allocate`."""
-        if seq_id in self._tables:
-            raise ValueError(f"sequence {seq_id} already has blocks")
+    def _cached_run(self, tokens: Sequence[int]) -> list[int]:
+        """The registered blocks of the longest chain `tokens` starts with (never its last
+        token's block: that token is always computed)."""
         hits: list[int] = []
         for key in block_keys(tokens[: max(0, len(tokens) - 1)], self.block_size):
             block = self._block_of.get(key)
             if block is None:
                 break
             hits.append(block)
+        return hits
+
+    def _prefix_shortfall(self, hits: list[int], num_tokens: int) -> int:
+        """Fresh blocks missing for a sequence of `num_tokens` that shares `hits` (<= 0: fits);
+        an idle cached hit stops counting as free once it is taken."""
         idle_hits = sum(1 for block in hits if block in self._evictable)
-        need = self.blocks_for(num_tokens) - len(hits)
-        if need > self.free_blocks - idle_hits:
+        return self.blocks_for(num_tokens) - len(hits) - (self.free_blocks - idle_hits)
+
+    def can_allocate_prefix(self, tokens: Sequence[int], num_tokens: int) -> bool:
+        """Whether `allocate_prefix` would succeed now (it needs fewer blocks than
+        `can_allocate` counts when `tokens` start with a cached prefix)."""
+        return self._prefix_shortfall(self._cached_run(tokens), num_tokens) <= 0
+
+    def allocate_prefix(self, seq_id: int, tokens: Sequence[int], num_tokens: int) -> int:
+        """Allocate a new sequence of `num_tokens` tokens whose first blocks are the longest
+        registered chain `tokens` matches (never all of `tokens`: its last token is computed);
+        returns the tokens whose K/V are already there. All or nothing, like `allocate`."""
+        if seq_id in self._tables:
+            raise ValueError(f"sequence {seq_id} already has blocks")
+        hits = self._cached_run(tokens)
+        shortfall = self._prefix_shortfall(hits, num_tokens)
+        if shortfall > 0:
+            need = self.blocks_for(num_tokens) - len(hits)
             raise CacheFullError(
                 f"KV cache full: sequence {seq_id} needs {need} block(s) of {self.block_size} "
-                f"tokens beside its {len(hits)} cached ones, but only "
-                f"{self.free_blocks - idle_hits} of {self.num_blocks} are free"
+                f"tokens beside its {len(hits)} cached ones, but only {need - shortfall} of "
+                f"{self.num_blocks} are free"
             )
         for block in hits:
             self._evictable.pop(block, None)

@@ -294,7 +294,7 @@ class Engine:
         blocks are taken now, and the running sequences need blocks to grow)."""
         while self._waiting and len(self._running) + len(self._prefilling) < self.max_num_seqs:
             seq = self._waiting[0]
-            if not self.cache.can_allocate(seq.context_tokens):
+            if not self._fits(seq):
                 return
             if seq.kv is None and self._prefill_backlog() >= self.max_prefill_tokens:
                 return
@@ -315,6 +315,12 @@ class Engine:
             else:
                 self._running.append(seq)
 
+    def _fits(self, seq: _Sequence) -> bool:
+        """Whether the cache has blocks for the sequence now (its cached prefix counted)."""
+        if seq.kv is None and self.prefix_caching:
+            return self.cache.can_allocate_prefix(seq.prefill_context, seq.context_tokens)
+        return self.cache.can_allocate(seq.context_tokens)
+
     def _allocate_for_prefill(self, seq: _Sequence) -> None:
         """Blocks for the whole context; with prefix caching the cached start of its prefill
         is shared, not computed (``computed`` starts there)."""
@@ -324,8 +330,9 @@ class Engine:
             seq.computed = 0
             return
         seq.computed = self.cache.allocate_prefix(seq.seq_id, context, seq.context_tokens)
-        self.metrics.prefix_cache_queries.inc(len(context))
-        self.metrics.prefix_cache_hits.inc(seq.computed)
+        if not seq.output:  # a preempted sequence's recompute is not a new query
+            self.metrics.prefix_cache_queries.inc(len(context))
+            self.metrics.prefix_cache_hits.inc(seq.computed)
 
     def _prefill_backlog(self) -> int:
         return sum(len(seq.prefill_context) - seq.computed for seq in self._prefilling)
@@ -352,13 +359,18 @@ class Engine:
             budget -= chunk
             if seq.computed < len(context):
                 continue
-            self._prefilling.remove(seq)
             if self.prefix_caching:
                 self.cache.register(seq.seq_id, context)
             if not seq.output and not seq.done:
-                token = await self.thread.run(sample, logits, seq.params, 0)
+                try:  # still in _prefilling: a stop() meanwhile fails it like the others
+                    token = await self.thread.run(sample, logits, seq.params, 0)
+                except Exception as error:
+                    self._prefilling.remove(seq)
+                    self._prefill_failed(seq, error)
+                    continue
                 if not seq.done:
                     self._emit(seq, token)
+            self._prefilling.remove(seq)
             if seq.done:  # the first token ended it, or it was aborted meanwhile
                 self.cache.free(seq.seq_id)
             else:

@@ -37,6 +37,7 @@ from kleave.workers.transport.framing import TransportError
 
 ArenaKind = Literal["shm", "cuda"]
 SHM_DIR = "/dev/shm"
+ARENA_PREFIX = "kleave-kv-"
 HEADER_BYTES = 4096  # one page: the data of a host arena starts page-aligned
 ALIGN = 256  # every block starts on a 256-byte boundary (vectorised copies, CUDA alignment)
 MAGIC = 0x6B6C65617665_4B56  # "kleave" "KV"
@@ -154,7 +155,7 @@ class SharedArena:
             raise ValueError(f"a KV arena needs at least {ALIGN} bytes")
         if not os.path.isdir(SHM_DIR):
             raise ArenaError(f"{SHM_DIR} does not exist here: the shared KV arena needs it")
-        path = os.path.join(SHM_DIR, f"kleave-kv-{os.getpid()}-{secrets.token_hex(6)}")
+        path = os.path.join(SHM_DIR, f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(6)}")
         size = HEADER_BYTES + (capacity if kind == "shm" else 0)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -204,6 +205,8 @@ class SharedArena:
             or capacity % ALIGN
         ):
             raise ArenaError(f"the sender's arena is not under {SHM_DIR} or has no capacity")
+        if not os.path.basename(path).startswith(ARENA_PREFIX):
+            raise ArenaError(f"{path} is not named like a kleave KV arena ({ARENA_PREFIX}*)")
         size = HEADER_BYTES + (capacity if kind == "shm" else 0)
         try:
             fd = os.open(path, os.O_RDWR)
@@ -212,30 +215,35 @@ class SharedArena:
                 f"the sender's shared KV arena {path} is not on this machine: shm and cuda_ipc "
                 "need the prefill and decode workers on one host (same /dev/shm); use tcp"
             ) from None
+        except OSError as e:  # e.g. another user's 0600 file: the workers' UIDs differ
+            raise ArenaError(
+                f"cannot open the sender's shared KV arena {path}: {os.strerror(e.errno or 0)} "
+                "(it is mode 0600: run the prefill and decode workers as the same user)"
+            ) from e
         try:
-            if os.fstat(fd).st_size != size:
-                raise ArenaError(f"{path} is {os.fstat(fd).st_size} bytes, not {size}")
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise ArenaError(f"{path} is {actual} bytes, not {size}")
             mapping = mmap.mmap(fd, size, flags=_MAP_FLAGS)
+        except OSError as e:
+            raise ArenaError(f"cannot map the shared KV arena {path}: {e}") from e
         finally:
             os.close(fd)
+        header = torch.frombuffer(mapping, dtype=torch.int64, count=4)
+        valid = int(header[_MAGIC]) == MAGIC and int(header[_CAPACITY]) == capacity
+        del header
+        if not valid:  # checked before the unlink: never delete a file that is not ours
+            raise ArenaError(f"{path} is not a kleave KV arena of {capacity} bytes")
         with contextlib.suppress(OSError):
             os.unlink(path)  # both ends hold mappings now; the name is no longer needed
-        header = torch.frombuffer(mapping, dtype=torch.int64, count=4)
-        if int(header[_MAGIC]) != MAGIC or int(header[_CAPACITY]) != capacity:
-            del header
-            mapping.close()
-            raise ArenaError(f"{path} is not a kleave KV arena of {capacity} bytes")
-        del header
         if kind == "shm":
             data = torch.frombuffer(mapping, dtype=torch.uint8, offset=HEADER_BYTES, count=capacity)
         else:
             if not torch.cuda.is_available():
-                mapping.close()
                 raise ArenaError("the sender's arena is on a GPU and this process sees none")
             try:
                 data = _open_cuda(spec.get("cuda") or {}, capacity)
             except Exception as e:
-                mapping.close()
                 raise ArenaError(f"cannot open the sender's CUDA IPC arena: {e}") from e
         return cls(kind, path, mapping, data, owner=False)
 
@@ -302,14 +310,16 @@ class SharedArena:
 
     def read(self, start: int, nbytes: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
         """A copy of the block at ``start`` (on the arena's device) as ``dtype``/``shape``."""
-        assert self.data is not None
+        data = self.data  # a local reference: close() may run meanwhile (it never unmaps)
+        if data is None:
+            raise ArenaError("the KV arena is closed")
         offset = start % self.capacity
         if start < 0 or nbytes < 0 or offset + nbytes > self.capacity:
             raise ArenaError(f"block [{start}, +{nbytes}) is outside the {self.capacity}-byte ring")
-        out = torch.empty(nbytes, dtype=torch.uint8, device=self.data.device)
-        out.copy_(self.data[offset : offset + nbytes])
+        out = torch.empty(nbytes, dtype=torch.uint8, device=data.device)
+        out.copy_(data[offset : offset + nbytes])
         if self.kind == "cuda":
-            torch.cuda.current_stream(self.data.device).synchronize()
+            torch.cuda.current_stream(data.device).synchronize()
         return out.view(dtype).reshape(shape)
 
     def release(self, end: int) -> None:
@@ -322,19 +332,22 @@ class SharedArena:
     # -- closing --
 
     def close(self) -> None:
-        """Unmap; the receiver first tells the sender it is gone, the owner unlinks the file."""
+        """Let go of the ring; the receiver first tells the sender it is gone, the owner
+        unlinks the file. The memory is unmapped when the last tensor viewing it is freed,
+        never explicitly: a copy still running in another thread keeps its view valid."""
         if self._header is None:
             return
         if not self.owner:
             self._header[_CLOSED] = 1
         self._header = None
+        cuda = self.kind == "cuda"
         self.data = None
         self._stream = None
         if self.owner:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
-        with contextlib.suppress(BufferError):  # a tensor still views the map: the GC frees it
-            self._mmap.close()
+            if cuda:  # a buffer shared with nobody who attached stays in torch's IPC limbo
+                torch.cuda.ipc_collect()  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import queue
-import select
 import socket
 import threading
 import time
@@ -350,20 +349,15 @@ class KVSender:
         return self._sock_closed()
 
     def _sock_closed(self) -> bool:
-        """The receiver's end of the socket is gone: readable means end of stream or a reset
-        (or bytes the protocol never sends after the hello)."""
-        try:
-            readable, _, _ = select.select([self._sock], [], [], 0)
-        except (OSError, ValueError):  # closed underneath us
-            return True
-        if not readable:
-            return False
+        """The receiver's end of the socket is gone: end of stream or a reset (or bytes the
+        protocol never sends after the hello). A non-blocking peek, not select(), which
+        refuses descriptors past 1024 that a busy worker reaches."""
         try:
             self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return False
-        except OSError:
-            return True  # reset
+            return False  # nothing to read: the peer is there and silent, as it should be
+        except (OSError, ValueError):
+            return True  # reset, or closed underneath us
         return True
 
     def _raise_if_failed(self) -> None:
