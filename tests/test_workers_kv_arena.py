@@ -258,3 +258,29 @@ def test_closing_an_arena_keeps_memory_a_tensor_still_views() -> None:
         [sys.executable, "-c", script], check=False, capture_output=True, text=True
     )
     assert done.returncode == 0 and done.stdout.strip() == "0", done.stderr[-300:]
+
+
+def test_a_receiver_that_cannot_join_the_group_says_why_at_once() -> None:
+    """The sender forms its gloo group while it waits for the welcome, so a refusal reaches
+    it now, not after the group's 30 s timeout (a 20 s guard here would trip on that)."""
+
+    async def refusing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = await read_frame(reader, timeout=HANG_GUARD, expecting="a kv_hello")
+        assert hello.meta["dist"]["backend"] == "gloo"
+        await send_message(writer, "kv_welcome", {"error": "no route to your store"})
+        writer.close()
+
+    async def scenario() -> None:
+        server = await asyncio.start_server(refusing, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with asyncio.timeout(20):
+                with pytest.raises(
+                    KVTransferError,
+                    match="cannot use the process group: no route to your store",
+                ):
+                    await KVSender.connect("127.0.0.1", port, backend="gloo")
+        finally:
+            server.close()
+
+    run(scenario())

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,9 +96,10 @@ class PairGroup:
         self.rank = rank
         self.peer_rank = RECEIVER if rank == SENDER else SENDER
         self.device = torch.device("cpu") if spec.backend == "gloo" else _cuda(device)
-        self._store = store
+        self._store: TCPStore | None = store
         self._local_host = local_host
         self._group: Any = None
+        self._closed = False
 
     @classmethod
     def host(
@@ -141,6 +144,8 @@ class PairGroup:
     def connect(self) -> None:
         """Form the group; returns once both ranks did (or raises after the timeout)."""
         timeout = datetime.timedelta(seconds=self.spec.timeout_s)
+        if self._store is None:
+            raise TransportError(f"the {self.spec.backend} group is closed")
         try:
             if self.spec.backend == "gloo":
                 options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
@@ -148,12 +153,19 @@ class PairGroup:
                 options._devices = [dist.ProcessGroupGloo.create_device(hostname=self._local_host)]
                 self._group = dist.ProcessGroupGloo(self._store, self.rank, 2, options)
             else:
+                # On a timeout or a dead peer, abort the communicator and report it here;
+                # PyTorch's default (3) tears the whole process down, every other
+                # connection with it.
+                os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
                 nccl_options = dist.ProcessGroupNCCL.Options()
                 nccl_options._timeout = timeout
                 with torch.cuda.device(self.device):
                     self._group = dist.ProcessGroupNCCL(self._store, self.rank, 2, nccl_options)
         except Exception as e:
             raise TransportError(f"the {self.spec.backend} group did not form: {e}") from e
+        if self._closed:  # closed while forming (the handshake gave up): do not leak it
+            self.close()
+            raise TransportError(f"the {self.spec.backend} group was closed while forming")
 
     def send(self, tensor: torch.Tensor) -> None:
         """Send ``tensor`` (moved to this group's device first) to the peer rank."""
@@ -172,22 +184,40 @@ class PairGroup:
         try:
             if self.device.type == "cuda":
                 with torch.cuda.device(self.device):
-                    op().wait()
-                    torch.cuda.current_stream(self.device).synchronize()
+                    self._wait_nccl(op(), what)
             else:
-                op().wait()
+                op().wait()  # gloo bounds it with the group's timeout
         except RuntimeError as e:
             message = str(e).splitlines()[0][:300]
             if "closed by peer" in message or "reset by peer" in message:
                 raise PeerGone(f"the {self.spec.backend} peer went away ({message})") from e
             raise TransportError(f"{self.spec.backend} failed {what} the peer: {message}") from e
 
+    def _wait_nccl(self, work: Any, what: str) -> None:
+        """An NCCL op's ``wait`` only orders streams; poll it against the group's timeout so
+        a stalled peer fails this connection, not the process (abort, then raise)."""
+        deadline = time.monotonic() + self.spec.timeout_s
+        pause = 20e-6
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                self.close()
+                raise TransportError(
+                    f"nccl: {what} the peer did not finish within {self.spec.timeout_s} s"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        work.wait()
+        torch.cuda.current_stream(self.device).synchronize()
+
     def close(self) -> None:
-        """Abort the group: the peer's pending send/recv fail now instead of at the timeout."""
+        """Abort the group (the peer's pending send/recv fail now instead of at the
+        timeout) and stop the rendezvous store, so nobody else can join through it."""
+        self._closed = True
         group, self._group = self._group, None
         if group is not None:
             with contextlib.suppress(Exception):  # closing: the peer learns it either way
                 group.abort()
+        self._store = None  # the sender's listening TCPStore goes with its last reference
 
 
 def _cuda(device: torch.device | str | None) -> torch.device:

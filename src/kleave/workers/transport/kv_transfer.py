@@ -215,19 +215,42 @@ def _handshake(
         hello["arena"] = arena.spec()
     if pair is not None:
         hello["dist"] = pair.spec.to_json()
+    forming: threading.Thread | None = None
+    formed: list[BaseException | None] = []
     try:
         sock.sendall(encode_message("kv_hello", hello).header)
         if arena is None and pair is None:
             return
         if pair is not None:
-            pair.connect()
+            # Form the group (rank 0) while waiting for the welcome: a receiver that cannot
+            # join says why at once, instead of after the group's whole timeout.
+            forming = threading.Thread(
+                target=_form, args=(pair, formed), name=f"kv-group {peer}", daemon=True
+            )
+            forming.start()
         reply = recv_message(sock, who=f"decode peer {peer}", expecting="its kv_welcome")
     except (OSError, TransportError) as e:
+        if pair is not None:
+            pair.close()
         raise KVTransferError(f"the KV handshake with decode peer {peer} failed: {e}") from e
     if reply.kind != "kv_welcome" or "error" in reply.meta:
+        if pair is not None:
+            pair.close()  # the forming thread gives up at its timeout and frees the group
         reason = reply.meta.get("error", f"it answered {reply.kind}")
         what = f"the shared {arena.kind} KV arena" if arena is not None else "the process group"
         raise KVTransferError(f"decode peer {peer} cannot use {what}: {reason}")
+    if forming is not None:
+        forming.join()  # the receiver has joined, so this returns once the group is up
+        if formed and formed[0] is not None:
+            raise KVTransferError(f"decode peer {peer}: {formed[0]}") from formed[0]
+
+
+def _form(pair: PairGroup, result: list[BaseException | None]) -> None:
+    try:
+        pair.connect()
+        result.append(None)
+    except BaseException as e:  # handed to the handshake, which raises it
+        result.append(e)
 
 
 class KVSender:
@@ -299,7 +322,7 @@ class KVSender:
                     PairGroup.host,
                     cast(DistBackend, backend),
                     local_host,
-                    timeout_s=min(timeout, DIST_TIMEOUT_S),
+                    timeout_s=DIST_TIMEOUT_S,  # not the connect timeout: sends are long
                     device=device,
                 )
             await asyncio.to_thread(_handshake, sock, peer, arena, pair)
@@ -493,7 +516,15 @@ class KVSender:
             nbytes = tensor.numel() * tensor.element_size()
             if self.pair is not None:
                 self._send(self._to_pair(self.pair, name, tensor, meta), counted=False)
-                self.pair.send(tensor)
+                try:
+                    self.pair.send(tensor)
+                except BaseException:
+                    # The receiver waits in a recv for this tensor: end the connection and
+                    # the group, so it fails now instead of at the group's timeout.
+                    self.pair.close()
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_RDWR)
+                    raise
                 with self._lock:
                     self._written_bytes += nbytes
                 continue
