@@ -1037,14 +1037,13 @@ def test_a_sampling_error_fails_its_request_and_not_the_engine(
 ) -> None:
     """The first token is sampled after the last prefill chunk; if sampling raises (NaN
     logits, say), that request gets a 502 and the engine serves the next one."""
-    real = engine_module.sample
 
-    def sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
+    def failing_sample(logits: torch.Tensor, params: SamplingParams, index: int) -> int:
         if params.seed == 13:
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return real(logits, params, index)
+        return sample(logits, params, index)
 
-    monkeypatch.setattr(engine_module, "sample", sample)
+    monkeypatch.setattr(engine_module, "sample", failing_sample)
 
     async def scenario() -> tuple[Any, Any, Engine]:
         engine, _ = make_engine(model, 64)
