@@ -182,14 +182,6 @@ def init_world(rank: int, world: int, port: int, device: str) -> None:
     )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_ranks(args: RankArgs) -> list[subprocess.Popen[bytes]]:
     """Rank 0 starts ranks 1..N-1 as child processes (they die with it: see ``serve``)."""
     children = []

@@ -22,13 +22,13 @@ import torch.distributed as dist
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from kleave.devcluster.processes import free_ports
 from kleave.workers.model import MoEDecoder
 from kleave.workers.serve.ep_ffn import (
     ExpertParallelFFN,
     RankArgs,
     build_rank,
     check_expert_parallel,
-    free_port,
     start_ranks,
 )
 from kleave.workers.serve.http import add_health_routes, errors_middleware
@@ -118,7 +118,7 @@ class FFNWorker:
         args = RankArgs(
             rank=0,
             world=world,
-            port=free_port(),
+            port=free_ports(1)[0],
             config=self.plan.config.to_dict(),
             seed=self.plan.seed,
             weights=str(self.options.weights) if self.options.weights else None,
