@@ -10,8 +10,10 @@ mid-transfer) names ``decode`` as its ``param``, so the router retries on anothe
 worker rather than blaming this one.
 
 Prefills run one at a time, first come first served: a prefill saturates the model thread
-and interleaving two only delays both first tokens. Connections to decode workers are kept
-and reused; one that failed is dropped and dialled again on the next request.
+and interleaving two only delays both first tokens. A prompt's longest cached prefix (the
+``PrefixCache`` of recent prompts' full blocks) is not recomputed, only sent. Connections to
+decode workers are kept and reused; one that failed is dropped and dialled again on the next
+request.
 """
 
 from __future__ import annotations
