@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from kleave.api.inference_deployment import InferenceDeploymentSpec
-from kleave.api.inference_pool import InferencePoolSpec, Role
+from kleave.api.inference_pool import InferencePoolSpec
+from kleave.api.vocabulary import Role
 from kleave.operator import engines
 from kleave.operator.deployment_builder import (
     build_plan_configmap,

@@ -13,7 +13,7 @@ import pytest
 
 from kleave import __version__
 from kleave.api import inference_deployment
-from kleave.api.inference_pool import Engine, KvBackend, Role, Topology
+from kleave.api.vocabulary import Engine, KvBackend, Role, Topology
 from kleave.operator import engines
 from kleave.operator.engines import (
     ContainerPreset,

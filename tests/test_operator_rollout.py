@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from kleave.api.inference_deployment import InferenceDeploymentSpec
-from kleave.api.inference_pool import Role
+from kleave.api.vocabulary import Role
 from kleave.operator.conditions import get_condition
 from kleave.operator.naming import ANNOTATION_REVISION
 from kleave.operator.rollout import Event, Plan, PoolPlan, decide, transition_events

@@ -23,16 +23,8 @@ from kleave.api.common import (
     conditions_field,
 )
 from kleave.api.crd import crd_for
-from kleave.api.inference_pool import (
-    ROLES,
-    Engine,
-    EnvVar,
-    KvBackend,
-    PoolTemplate,
-    Resources,
-    Role,
-    Topology,
-)
+from kleave.api.inference_pool import ROLES, EnvVar, PoolTemplate, Resources
+from kleave.api.vocabulary import Engine, KvBackend, Role, Topology
 
 MAX_NAME_LENGTH = 40
 """Child names add a role and a revision (``<name>-attention-<rev>``) within Kubernetes' limits."""

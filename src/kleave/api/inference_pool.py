@@ -23,12 +23,9 @@ from kleave.api.common import (
     conditions_field,
 )
 from kleave.api.crd import crd_for
+from kleave.api.vocabulary import Engine, KvBackend, Role, Topology
 
-Role = Literal["prefill", "decode", "attention", "ffn"]
 ROLES: tuple[Role, ...] = ("prefill", "decode", "attention", "ffn")
-Engine = Literal["builtin", "vllm", "sglang"]
-Topology = Literal["Colocated", "PD", "PDAF"]
-KvBackend = Literal["auto", "tcp", "nccl", "nixl", "mooncake"]
 Scaling = Literal["Static", "External", "Planner"]
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"

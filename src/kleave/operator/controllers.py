@@ -19,7 +19,8 @@ import kopf
 from pydantic import ValidationError
 
 from kleave.api.inference_deployment import InferenceDeploymentSpec
-from kleave.api.inference_pool import ROLES, Role
+from kleave.api.inference_pool import ROLES
+from kleave.api.vocabulary import Role
 from kleave.operator import deployment_builder, engines, pool_builder, pool_status, rollout
 from kleave.operator.cached_controller import CachedController, contains, status_patch
 from kleave.operator.conditions import set_condition

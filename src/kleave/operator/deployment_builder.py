@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from kleave.api.inference_deployment import InferenceDeploymentSpec
-from kleave.api.inference_pool import POOL_KIND, PoolTemplate, Role
+from kleave.api.inference_pool import POOL_KIND, PoolTemplate
+from kleave.api.vocabulary import Role
 from kleave.operator import engines
 from kleave.operator.naming import (
     ANNOTATION_REVISION,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kleave import __version__
-from kleave.api.inference_pool import Engine, KvBackend, Role, Topology
+from kleave.api.vocabulary import Engine, KvBackend, Role, Topology
 
 __all__ = [
     "BOOTSTRAP_PORT",

@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from kleave.api.inference_deployment import InferenceDeploymentSpec
-from kleave.api.inference_pool import Role
+from kleave.api.vocabulary import Role
 from kleave.operator.conditions import get_condition, set_condition
 from kleave.operator.naming import ANNOTATION_REVISION
 
