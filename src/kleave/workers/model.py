@@ -44,6 +44,8 @@ from kleave.workers.kernels import fused_moe, paged_decode_attention
 from kleave.workers.kv_cache import PagedKVCache
 
 METADATA_KEY = "kleave.model_config"
+RoutedExperts = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""`experts(layer, x, topk_weights, topk_ids)` -> the routed experts' weighted sum per row."""
 
 ModelPart = Literal["all", "attention", "ffn"]
 MODEL_PARTS: tuple[str, ...] = get_args(ModelPart)
@@ -302,9 +304,10 @@ class MoEDecoder(nn.Module):
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One sequence's causal self-attention: `h` `[T, hidden]` -> (h + attention, rotated
-        K `[T, Hkv, D]`, V `[T, Hkv, D]` of these T tokens). Attends within these T tokens and,
-        with `past` (the K/V `[P, Hkv, D]` of the P positions before them, e.g. a cached
-        prefix; `positions` then start at P), over those too."""
+        K, V). Attends within these T tokens and, with `past` (the K/V `[P, Hkv, D]` of the P
+        positions before them, e.g. a cached prefix; `positions` then start at P, see
+        `prefill_positions`), over those too. K and V are the whole sequence's: `[P + T, Hkv,
+        D]` (`[T, Hkv, D]` without a past), the concatenation the attention needed anyway."""
         c = self.config
         q, k, v = self._qkv(layer, h, positions)
         keys, values = (
@@ -326,7 +329,14 @@ class MoEDecoder(nn.Module):
             scale=1.0 / math.sqrt(c.head_dim),
         )  # [H, T, D]
         out = out.transpose(0, 1).reshape(h.shape[0], c.num_heads * c.head_dim)
-        return h + out @ self._attn(layer).wo.t(), k, v
+        return h + out @ self._attn(layer).wo.t(), keys, values
+
+    def prefill_positions(
+        self, tokens: int, past: list[tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> torch.Tensor:
+        """The positions of `tokens` new tokens after `past` (0.. without one)."""
+        start = 0 if past is None else past[0][0].shape[0]
+        return torch.arange(start, start + tokens, device=self.device)
 
     @torch.inference_mode()
     def attention_decode(
@@ -369,15 +379,21 @@ class MoEDecoder(nn.Module):
         return weights / weights.sum(dim=-1, keepdim=True), ids
 
     @torch.inference_mode()
-    def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def ffn(
+        self, layer: int, h: torch.Tensor, experts: RoutedExperts | None = None
+    ) -> torch.Tensor:
         """`[N, hidden]` -> h + FFN(norm(h)): routed experts via fused_moe plus the shared
-        experts, or the dense SwiGLU."""
+        experts, or the dense SwiGLU. `experts(layer, x, weights, ids)` replaces the routed
+        experts' fused_moe (expert parallelism runs them on several ranks)."""
         ffn = self._ffn(layer)
         x = rms_norm(h, ffn.norm, self.config.rms_norm_eps)
         if isinstance(ffn, _DenseFFN):
             return h + _swiglu(x, ffn.gate_up, ffn.down)
         weights, ids = self.route(layer, x)
-        out = fused_moe(x, ffn.experts_gate_up, ffn.experts_down, weights, ids)
+        if experts is not None:
+            out = experts(layer, x, weights, ids)
+        else:
+            out = fused_moe(x, ffn.experts_gate_up, ffn.experts_down, weights, ids)
         if ffn.shared_gate_up is not None and ffn.shared_down is not None:
             out = out + _swiglu(x, ffn.shared_gate_up, ffn.shared_down)
         return h + out
@@ -401,15 +417,12 @@ class MoEDecoder(nn.Module):
         K/V of P earlier positions per layer (a cached prefix), which only `tokens` follow.
         `on_layer(layer, k, v)` gets each layer's K/V the moment it exists (a KV sender)."""
         tokens = tokens.to(self.device)
-        start = 0 if past is None else past[0][0].shape[0]
-        positions = torch.arange(start, start + tokens.shape[0], device=self.device)
+        positions = self.prefill_positions(tokens.shape[0], past)
         h = self.embed(tokens)
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         for layer in range(self.config.num_layers):
             before = None if past is None else past[layer]
             h, k, v = self.attention_prefill(layer, h, positions, before)
-            if before is not None:
-                k, v = torch.cat([before[0], k]), torch.cat([before[1], v])
             if on_layer is not None:
                 on_layer(layer, k, v)
             kv.append((k, v))

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from kleave.workers.config import ModelConfig
 from kleave.workers.kernels import fused_moe
-from kleave.workers.model import MoEDecoder, _MoEFFN, _swiglu, rms_norm
+from kleave.workers.model import MoEDecoder, _MoEFFN
 from kleave.workers.transport.ep import DistributedEPGroup, EPBuffer
 
 log = logging.getLogger(__name__)
@@ -143,18 +143,16 @@ class ExpertParallelFFN:
             nothing = torch.empty((0, hidden), dtype=self.model.dtype, device=self.model.device)
             self._layer(layer, nothing)
 
-    @torch.inference_mode()
     def _layer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        model, config = self.model, self.model.config
-        ffn = model._ffn(layer)
+        """``MoEDecoder.ffn`` with its routed experts spread over the ranks; off rank 0 ``h``
+        is empty (that rank's tokens all arrive through ``dispatch``) and so is the result."""
+        return self.model.ffn(layer, h, experts=self._experts)
+
+    def _experts(
+        self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+    ) -> torch.Tensor:
+        ffn = self.model._ffn(layer)
         assert isinstance(ffn, _MoEFFN)
-        x = rms_norm(h, ffn.norm, config.rms_norm_eps)
-        if self.rank == 0:
-            weights, ids = model.route(layer, x)
-        else:
-            k = config.num_experts_per_tok
-            weights = torch.empty((0, k), dtype=torch.float32, device=x.device)
-            ids = torch.empty((0, k), dtype=torch.int64, device=x.device)
         sent = self.buffer.dispatch(x, ids, weights)
         # Slots whose expert lives elsewhere arrive as id -1 with weight 0: point them at a
         # local expert with weight 0, which adds exactly nothing.
@@ -163,10 +161,7 @@ class ExpertParallelFFN:
         rows = fused_moe(
             sent.recv_x, ffn.experts_gate_up, ffn.experts_down, local_weights, local_ids
         )
-        out = self.buffer.combine(rows, sent.handle)
-        if ffn.shared_gate_up is not None and ffn.shared_down is not None:
-            out = out + _swiglu(x, ffn.shared_gate_up, ffn.shared_down)
-        return h + out
+        return self.buffer.combine(rows, sent.handle)
 
 
 def init_world(rank: int, world: int, port: int, device: str) -> None:

@@ -120,15 +120,12 @@ class RemoteFFNForward:
     ) -> tuple[torch.Tensor, KVLayers]:
         model = self.model
         ids = torch.tensor(tokens, dtype=torch.long)
-        start = 0 if past is None else past[0][0].shape[0]
-        positions = torch.arange(start, start + len(tokens))
+        positions = model.prefill_positions(len(tokens), past)
         h = await self.thread.run(model.embed, ids)
         kv: KVLayers = []
         for layer in range(model.config.num_layers):
             before = None if past is None else past[layer]
             h, k, v = await self.thread.run(model.attention_prefill, layer, h, positions, before)
-            if before is not None:
-                k, v = torch.cat([before[0], k]), torch.cat([before[1], v])
             kv.append((k, v))
             h = await self._remote_ffn(layer, h)
         logits = await self.thread.run(model.logits, h[-1:])

@@ -205,6 +205,11 @@ def _settle(marker: _Marker, result: float | BaseException) -> None:
         marker.loop.call_soon_threadsafe(settle)
 
 
+def _descriptor(meta: dict[str, Any], name: str, tensor: torch.Tensor) -> dict[str, Any]:
+    """What every descriptor frame says of the tensor it stands for (``_described`` reads it)."""
+    return {**meta, "name": name, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
+
+
 def _handshake(
     sock: socket.socket, peer: str, arena: SharedArena | None, pair: PairGroup | None
 ) -> None:
@@ -541,13 +546,8 @@ class KVSender:
         self, pair: PairGroup, name: str, tensor: torch.Tensor, meta: dict[str, Any]
     ) -> EncodedFrame:
         """The descriptor of a tensor that follows over the process group."""
-        header = {
-            **meta,
-            "name": name,
-            "dtype": dtype_name(tensor.dtype),
-            "shape": list(tensor.shape),
-            "nbytes": tensor.numel() * tensor.element_size(),
-        }
+        header = _descriptor(meta, name, tensor)
+        header["nbytes"] = tensor.numel() * tensor.element_size()
         if self.checksum and pair.device.type == "cpu":
             _, payload = cpu_bytes(tensor)
             header["sha256"] = hashlib.sha256(payload).hexdigest()
@@ -558,12 +558,7 @@ class KVSender:
     ) -> EncodedFrame:
         """Copy ``tensor`` into the ring (waiting for space) and describe where it is."""
         nbytes = tensor.numel() * tensor.element_size()
-        header = {
-            **meta,
-            "name": name,
-            "dtype": dtype_name(tensor.dtype),
-            "shape": list(tensor.shape),
-        }
+        header = _descriptor(meta, name, tensor)
         block = place(self._head, nbytes, arena.capacity)
         arena.wait_for_space(
             block.needs,
