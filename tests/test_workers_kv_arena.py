@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Awaitable
 from typing import Any
 
@@ -282,5 +283,8 @@ def test_a_receiver_that_cannot_join_the_group_says_why_at_once() -> None:
                     await KVSender.connect("127.0.0.1", port, backend="gloo")
         finally:
             server.close()
+        # ... and no thread is left waiting in the rendezvous (one still waiting when the
+        # interpreter exits aborts the process: "terminate called without an active exception")
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("kv-group")]
 
     run(scenario())

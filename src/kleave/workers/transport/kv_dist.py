@@ -6,7 +6,11 @@ between GPUs (NVLink, InfiniBand with GPUDirect), gloo between CPUs. This is the
 vLLM's P2P-NCCL connector: one group per P/D pair, made on demand, not one world for all.
 
 The sender hosts the rendezvous: a ``TCPStore`` on an ephemeral port of the address its KV
-socket leaves from, announced in the hello; it is rank 0, the receiver rank 1. Groups are
+socket leaves from, announced in the hello; it is rank 0, the receiver rank 1. The sender's
+group talks to that store through a client of its own, so ``close`` can stop the server while
+the group is still forming: the forming thread's wait then fails at once instead of holding a
+thread inside C++ for the whole timeout (a daemon thread still there when the interpreter exits
+aborts the process). Groups are
 built directly (``ProcessGroupGloo``/``ProcessGroupNCCL``), never through
 ``init_process_group``, because a decode worker has one group per prefill peer and a prefill
 worker one per decode peer. ``close`` aborts the group, which wakes a peer blocked in a send
@@ -91,12 +95,14 @@ class PairGroup:
         *,
         local_host: str,
         device: torch.device | str | None,
+        server: TCPStore | None = None,
     ) -> None:
         self.spec = spec
         self.rank = rank
         self.peer_rank = RECEIVER if rank == SENDER else SENDER
         self.device = torch.device("cpu") if spec.backend == "gloo" else _cuda(device)
         self._store: TCPStore | None = store
+        self._server = server  # the sender's listening store (the receiver has none)
         self._local_host = local_host
         self._group: Any = None
         self._closed = False
@@ -113,13 +119,14 @@ class PairGroup:
         """The sender's side: start the rendezvous store (the group forms in ``connect``)."""
         timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            store = TCPStore(local_host, 0, 2, True, timeout=timeout, wait_for_workers=False)
+            server = TCPStore(local_host, 0, 2, True, timeout=timeout, wait_for_workers=False)
+            store = TCPStore(local_host, int(server.port), 2, False, timeout=timeout)
         except Exception as e:  # RuntimeError/DistNetworkError with the socket's reason
             raise TransportError(
                 f"cannot start the {backend} rendezvous on {local_host}: {e}"
             ) from e
-        spec = DistSpec(backend, local_host, int(store.port), timeout_s)
-        return cls(spec, SENDER, store, local_host=local_host, device=device)
+        spec = DistSpec(backend, local_host, int(server.port), timeout_s)
+        return cls(spec, SENDER, store, local_host=local_host, device=device, server=server)
 
     @classmethod
     def join(
@@ -211,13 +218,15 @@ class PairGroup:
 
     def close(self) -> None:
         """Abort the group (the peer's pending send/recv fail now instead of at the
-        timeout) and stop the rendezvous store, so nobody else can join through it."""
+        timeout) and stop the rendezvous store, so nobody else can join through it and a
+        group still forming on it (this side's or the peer's) fails now."""
         self._closed = True
         group, self._group = self._group, None
         if group is not None:
             with contextlib.suppress(Exception):  # closing: the peer learns it either way
                 group.abort()
-        self._store = None  # the sender's listening TCPStore goes with its last reference
+        self._server = None  # the listening TCPStore stops with its only reference
+        self._store = None
 
 
 def _cuda(device: torch.device | str | None) -> torch.device:

@@ -88,6 +88,7 @@ BACKENDS: tuple[str, ...] = ("tcp", "shm", "cuda_ipc", "gloo", "nccl")
 ARENA_KINDS: dict[str, ArenaKind] = {"shm": "shm", "cuda_ipc": "cuda"}
 DEFAULT_ARENA_BYTES = 32 << 20  # per connection; pods get 64 MiB of /dev/shm by default
 ARENA_WAIT_S = 30.0  # a receiver that frees no ring space for this long is stuck
+FORMING_EXIT_S = 5.0  # a closed group's forming thread fails within milliseconds
 DIST_TIMEOUT_S = 30.0  # gloo/nccl: forming the pair's group, and any one send or receive
 
 
@@ -236,11 +237,11 @@ def _handshake(
         reply = recv_message(sock, who=f"decode peer {peer}", expecting="its kv_welcome")
     except (OSError, TransportError) as e:
         if pair is not None:
-            pair.close()
+            _give_up(pair, forming)
         raise KVTransferError(f"the KV handshake with decode peer {peer} failed: {e}") from e
     if reply.kind != "kv_welcome" or "error" in reply.meta:
         if pair is not None:
-            pair.close()  # the forming thread gives up at its timeout and frees the group
+            _give_up(pair, forming)
         reason = reply.meta.get("error", f"it answered {reply.kind}")
         what = f"the shared {arena.kind} KV arena" if arena is not None else "the process group"
         raise KVTransferError(f"decode peer {peer} cannot use {what}: {reason}")
@@ -248,6 +249,15 @@ def _handshake(
         forming.join()  # the receiver has joined, so this returns once the group is up
         if formed and formed[0] is not None:
             raise KVTransferError(f"decode peer {peer}: {formed[0]}") from formed[0]
+
+
+def _give_up(pair: PairGroup, forming: threading.Thread | None) -> None:
+    """Close a group the receiver will not join: stopping its store fails the forming
+    thread's rendezvous at once, and it is joined so that no thread is left waiting inside
+    torch (one still there when the interpreter exits aborts the process)."""
+    pair.close()
+    if forming is not None:
+        forming.join(FORMING_EXIT_S)
 
 
 def _form(pair: PairGroup, result: list[BaseException | None]) -> None:
