@@ -485,9 +485,10 @@ async def plane(
     refresh_s: float = 0.2,
     kv_backend: Backend = "tcp",
     ffn_expert_parallel: int = 1,
+    tensor_parallel: Mapping[str, int] | None = None,
 ) -> AsyncIterator[Plane]:
     """Every server of `topology` (`counts` per role, default one) plus the router, in this
-    event loop on real sockets."""
+    event loop on real sockets (`tensor_parallel` per role: ranks beyond this process)."""
     roles = {
         "Colocated": ["decode"],
         "PD": ["prefill", "decode"],
@@ -512,6 +513,8 @@ async def plane(
                     kv_blocks=kv_blocks,
                     kv_backend=kv_backend,
                     expert_parallel=ffn_expert_parallel if role == "ffn" else 1,
+                    tensor_parallel=(tensor_parallel or {}).get(role, 1),
+                    torch_threads=1,
                 )
                 server: PrefillServer | DecodeServer | FFNWorker
                 if role == "prefill":
@@ -1030,6 +1033,45 @@ def test_an_ffn_worker_splits_its_experts_over_two_ranks_exactly(
     tokens, ranks = run(scenario())
     assert tokens == reference
     assert [rank.returncode for rank in ranks] == [0]  # told to stop, not killed
+
+
+def test_expert_parallel_ranks_wait_out_an_idle_worker(model: MoEDecoder) -> None:
+    """The layer numbers go over a control group that waits a week, so an FFN worker idle
+    for longer than a collective's timeout (1 s here) keeps its other rank."""
+    import torch.distributed as dist
+
+    from kleave.devcluster.processes import free_ports
+    from kleave.workers.serve.ep_ffn import build_rank, start_expert_ranks
+    from kleave.workers.serve.ranks import RankArgs, reap
+
+    args = RankArgs(
+        rank=0,
+        world=2,
+        port=free_ports(1)[0],
+        config=CONFIG.to_dict(),
+        seed=0,
+        weights=None,
+        device="cpu",
+        torch_threads=1,
+        op_timeout_s=1.0,
+    )
+    children = start_expert_ranks(args)
+    try:
+        ep = build_rank(args)
+        h = torch.randn(5, CONFIG.hidden_size, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(ep.ffn(0, h), model.ffn(0, h), rtol=0, atol=1e-5)
+        time.sleep(2.5)
+        assert [child.poll() for child in children] == [None]
+        torch.testing.assert_close(ep.ffn(1, h), model.ffn(1, h), rtol=0, atol=1e-5)
+        ep.stop()
+        reap(children)
+        assert [child.returncode for child in children] == [0]
+    finally:
+        for child in children:
+            child.kill()
+        reap(children)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_a_sampling_error_fails_its_request_and_not_the_engine(

@@ -88,7 +88,14 @@ _plan_option = click.option(
     show_default=True,
     help="shm/cuda_ipc: the shared ring per decode peer (larger tensors go over the socket).",
 )
-@click.option("--tensor-parallel", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--tensor-parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Split every layer's heads and FFN width (and the KV cache) over N ranks: this "
+    "process and N-1 it starts, one GPU each with --device cuda.",
+)
 @click.option("--expert-parallel", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--kv-blocks", type=click.IntRange(min=1), default=None, help="KV cache blocks.")
 @click.option(
@@ -152,10 +159,11 @@ def serve(
     _logging(log_level)
     from kleave.workers.serve.plan import PlanError, load_plan
 
-    if tensor_parallel > 1:
+    if tensor_parallel > 1 and expert_parallel > 1:
         raise _Failure(
-            "--tensor-parallel > 1 is not supported by `kleave workers serve` yet: set "
-            "spec.pools.<role>.parallelism.tensor to 1"
+            f"--tensor-parallel {tensor_parallel} with --expert-parallel {expert_parallel}: a "
+            "worker splits its FFN one way, by width or by experts; set one of the pool's "
+            "parallelism.tensor and parallelism.expert to 1"
         )
     if expert_parallel > 1 and role != "ffn":
         raise _Failure(
@@ -175,11 +183,16 @@ def serve(
         check_backend(kv_backend)
     except TransportError as error:
         raise _Failure(str(error)) from None
+    from kleave.workers.tensor_parallel import check_tensor_parallel
+
     try:
         plan = load_plan(plan_path, preset=model_preset, seed=seed)
         server_role = plan.server_role(role)
+        check_tensor_parallel(plan.config, tensor_parallel)
     except PlanError as error:
         raise _Failure(str(error)) from None
+    except ValueError as error:
+        raise _Failure(f"model {plan.preset}: {error}") from None
     from kleave.workers.serve.main import run_worker
     from kleave.workers.serve.runtime import WorkerOptions, configure_torch
 
@@ -198,6 +211,7 @@ def serve(
         max_prefill_tokens=max_prefill_tokens,
         kv_timeout_s=kv_timeout_s,
         kv_backend=cast("Backend", kv_backend),
+        tensor_parallel=tensor_parallel,
         kv_arena_mb=kv_arena_mb,
         prefix_cache_mb=prefix_cache_mb,
         prefix_caching=prefix_caching,
@@ -292,6 +306,13 @@ def router(
     show_default=True,
     help="PDAF: split each FFN worker's experts over this many processes.",
 )
+@click.option(
+    "--tensor-parallel",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Split every worker's heads, FFN width and KV cache over this many processes.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Weights seed, all workers.")
 @click.option(
     "--state-dir",
@@ -323,6 +344,7 @@ def up(
     decode: int,
     ffn: int,
     ffn_expert_parallel: int,
+    tensor_parallel: int,
     seed: int,
     state_dir: Path | None,
     kv_blocks: int | None,
@@ -335,6 +357,14 @@ def up(
     from kleave.workers.serve.local import LocalDataPlane, LocalStartError
     from kleave.workers.serve.plan import PlanError
 
+    if tensor_parallel > 1 and ffn_expert_parallel > 1:
+        raise _Failure(
+            "--tensor-parallel and --ffn-expert-parallel both above 1: an FFN worker splits "
+            "its FFN one way, by width or by experts"
+        )
+    worker_args = ["--tensor-parallel", str(tensor_parallel)]
+    if kv_blocks:
+        worker_args += ["--kv-blocks", str(kv_blocks)]
     counts = {"Colocated": {"decode": decode}, "PD": {"prefill": prefill, "decode": decode}}
     counts["PDAF"] = {"prefill": prefill, "attention": decode, "ffn": ffn}
     directory = state_dir or Path(tempfile.mkdtemp(prefix="kleave-workers-"))
@@ -348,7 +378,7 @@ def up(
         kv_backend=kv_backend,
         device=device,
         role_args={"ffn": ("--expert-parallel", str(ffn_expert_parallel))},
-        worker_args=("--kv-blocks", str(kv_blocks)) if kv_blocks else (),
+        worker_args=tuple(worker_args),
     )
     stopping: list[int] = []
 

@@ -20,6 +20,11 @@ so only the rest is computed. A freed block that is registered is kept, evictabl
 fresh block is needed and none is free: least recently freed first, and a sequence's blocks
 are freed tail first, so a cached block's parent is evicted after it. Shared blocks are never
 written: a sequence's writes start past its shared prefix (a write into it is refused).
+
+Under tensor parallelism each rank's cache holds its share of the K/V heads (``num_kv_heads``)
+in blocks that rank 0's cache hands out: the other ranks' caches are ``follower``s, which take
+no block themselves but adopt rank 0's block tables (``table_state`` / ``adopt``) before each
+step, so a block number means the same positions on every rank.
 """
 
 from __future__ import annotations
@@ -53,7 +58,12 @@ class PagedKVCache:
         block_size: int = 16,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        *,
+        num_kv_heads: int | None = None,
+        follower: bool = False,
     ) -> None:
+        """``num_kv_heads``: the heads held (a tensor-parallel rank's share; default all).
+        ``follower``: blocks come from another cache's tables (``adopt``), never from here."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(
                 f"num_blocks and block_size must be positive, got {num_blocks}, {block_size}"
@@ -63,7 +73,9 @@ class PagedKVCache:
         self.block_size = block_size
         self.device = torch.device(device)
         self.dtype = dtype if dtype is not None else _torch_dtype(config.dtype)
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.num_kv_heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
+        self.follower = follower
+        shape = (num_blocks, block_size, self.num_kv_heads, config.head_dim)
         self.k: list[torch.Tensor] = [
             torch.zeros(shape, dtype=self.dtype, device=self.device)
             for _ in range(config.num_layers)
@@ -108,6 +120,11 @@ class PagedKVCache:
 
     def _take_block(self) -> int:
         """A fresh block: a free one, else the least recently freed cached one (forgotten)."""
+        if self.follower:
+            raise RuntimeError(
+                "a tensor-parallel follower's cache takes no blocks: rank 0 allocates them "
+                "and sends its block tables before each step"
+            )
         if self._free:
             block = self._free.pop()
         else:
@@ -232,6 +249,36 @@ class PagedKVCache:
         """The fraction of blocks in use (what vllm:kv_cache_usage_perc reports)."""
         return 1.0 - self.free_blocks / self.num_blocks
 
+    # ----- tensor-parallel followers -----------------------------------------------------------
+    def table_state(self, seq_id: int) -> tuple[list[int], list[int], int]:
+        """(block table, written length per layer, shared leading blocks) of a sequence: what
+        a follower ``adopt``s. The table is this cache's own list (it only grows until the
+        sequence is freed; a new sequence gets a new list)."""
+        return self._tables[seq_id], list(self._layer_lens[seq_id]), self._shared.get(seq_id, 0)
+
+    def adopt(
+        self, seq_id: int, blocks: list[int], offset: int, layer_lens: list[int], shared: int
+    ) -> None:
+        """A follower takes a sequence's state from rank 0's ``table_state``: its table is
+        the first ``offset`` blocks it already had for it followed by ``blocks``."""
+        table = self._tables.get(seq_id, []) if offset else []
+        if len(table) < offset:
+            raise RuntimeError(
+                f"sequence {seq_id}: rank 0 sent blocks from {offset}, this rank holds "
+                f"{len(table)} (the ranks' block tables diverged)"
+            )
+        self._tables[seq_id] = table[:offset] + blocks
+        self._layer_lens[seq_id] = list(layer_lens)
+        self._shared[seq_id] = shared
+        self._version += 1
+
+    def forget(self, seq_id: int) -> None:
+        """A follower drops a sequence rank 0 freed (its blocks are rank 0's to reuse)."""
+        self._tables.pop(seq_id, None)
+        self._layer_lens.pop(seq_id, None)
+        self._shared.pop(seq_id, None)
+        self._version += 1
+
     # ----- lengths ----------------------------------------------------------------------------
     def length(self, seq_id: int) -> int:
         """Tokens whose K/V are written in every layer (0 for an unknown sequence)."""
@@ -272,7 +319,7 @@ class PagedKVCache:
         count = k.shape[0]
         if k.shape != v.shape or k.shape[1:] != self.k[layer].shape[2:]:
             raise ValueError(
-                f"k and v must both be [T, {self.config.num_kv_heads}, {self.config.head_dim}], "
+                f"k and v must both be [T, {self.num_kv_heads}, {self.config.head_dim}], "
                 f"got {tuple(k.shape)} and {tuple(v.shape)}"
             )
         written = self.layer_length(seq_id, layer)

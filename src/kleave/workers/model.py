@@ -24,6 +24,11 @@ workers do), so it holds `attention` (embedding, attention, final norm, lm head)
 worker holds `ffn` (the FFN layers only). Random weights are drawn per parameter from a seed
 derived from the model seed and the parameter's name, so a part holds exactly the full model's
 values for its parameters without drawing the others.
+
+A model may also hold one tensor-parallel `shard` of them (`workers/tensor_parallel.py`): its
+share of the heads and of the FFN width, sliced from the whole parameters (drawn or loaded
+whole, one at a time). Such a model's attention and FFN outputs are partial sums, which it
+passes through `reduce` (an all-reduce over the group, set by the caller) before the residual.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch import nn
@@ -42,6 +47,14 @@ from torch.nn import functional
 from kleave.workers.config import ModelConfig
 from kleave.workers.kernels import fused_moe, paged_decode_attention
 from kleave.workers.kv_cache import PagedKVCache
+from kleave.workers.tensor_parallel import (
+    WHOLE,
+    LocalSizes,
+    Shard,
+    full_shape,
+    local_sizes,
+    shard_tensor,
+)
 
 METADATA_KEY = "kleave.model_config"
 RoutedExperts = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,6 +62,67 @@ RoutedExperts = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.
 
 ModelPart = Literal["all", "attention", "ffn"]
 MODEL_PARTS: tuple[str, ...] = get_args(ModelPart)
+
+
+class Decoder(Protocol):
+    """What the servers call on a model: a ``MoEDecoder``, or rank 0 of a tensor-parallel
+    group (``serve.tensor_parallel.TensorParallelDecoder``) that runs each call on every
+    rank's shard. K/V in and out are always the whole model's ``[T, Hkv, D]``."""
+
+    config: ModelConfig
+    part: ModelPart
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def attention_prefill(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def prefill_positions(
+        self, tokens: int, past: list[tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> torch.Tensor: ...
+
+    def attention_decode(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache,
+        seq_ids: list[int],
+    ) -> torch.Tensor: ...
+
+    def ffn(
+        self, layer: int, h: torch.Tensor, experts: RoutedExperts | None = None
+    ) -> torch.Tensor: ...
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor: ...
+
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]: ...
+
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache,
+        seq_ids: list[int],
+    ) -> torch.Tensor: ...
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -97,31 +171,31 @@ def _param(c: ModelConfig, *shape: int) -> nn.Parameter:
 
 
 class _Attention(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, n: LocalSizes) -> None:
         super().__init__()
         self.norm = _param(c, c.hidden_size)
-        self.wq = _param(c, c.num_heads * c.head_dim, c.hidden_size)
-        self.wk = _param(c, c.num_kv_heads * c.head_dim, c.hidden_size)
-        self.wv = _param(c, c.num_kv_heads * c.head_dim, c.hidden_size)
-        self.wo = _param(c, c.hidden_size, c.num_heads * c.head_dim)
+        self.wq = _param(c, n.num_heads * c.head_dim, c.hidden_size)
+        self.wk = _param(c, n.num_kv_heads * c.head_dim, c.hidden_size)
+        self.wv = _param(c, n.num_kv_heads * c.head_dim, c.hidden_size)
+        self.wo = _param(c, c.hidden_size, n.num_heads * c.head_dim)
 
 
 class _DenseFFN(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, n: LocalSizes) -> None:
         super().__init__()
         self.norm = _param(c, c.hidden_size)
-        self.gate_up = _param(c, 2 * c.intermediate_size, c.hidden_size)
-        self.down = _param(c, c.hidden_size, c.intermediate_size)
+        self.gate_up = _param(c, 2 * n.intermediate_size, c.hidden_size)
+        self.down = _param(c, c.hidden_size, n.intermediate_size)
 
 
 class _MoEFFN(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, n: LocalSizes) -> None:
         super().__init__()
         self.norm = _param(c, c.hidden_size)
         self.router = _param(c, c.num_experts, c.hidden_size)
-        self.experts_gate_up = _param(c, c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size)
-        self.experts_down = _param(c, c.num_experts, c.hidden_size, c.moe_intermediate_size)
-        shared = c.num_shared_experts * c.intermediate_size
+        self.experts_gate_up = _param(c, c.num_experts, 2 * n.moe_intermediate_size, c.hidden_size)
+        self.experts_down = _param(c, c.num_experts, c.hidden_size, n.moe_intermediate_size)
+        shared = c.num_shared_experts * n.intermediate_size
         self.shared_gate_up: nn.Parameter | None = None
         self.shared_down: nn.Parameter | None = None
         if shared:
@@ -130,15 +204,19 @@ class _MoEFFN(nn.Module):
 
 
 class _Layer(nn.Module):
-    def __init__(self, c: ModelConfig, part: ModelPart) -> None:
+    def __init__(self, c: ModelConfig, part: ModelPart, n: LocalSizes) -> None:
         super().__init__()
-        self.attn: _Attention | None = None if part == "ffn" else _Attention(c)
+        self.attn: _Attention | None = None if part == "ffn" else _Attention(c, n)
         self.ffn: _DenseFFN | _MoEFFN | None = None
         if part != "attention":
-            self.ffn = _MoEFFN(c) if c.is_moe else _DenseFFN(c)
+            self.ffn = _MoEFFN(c, n) if c.is_moe else _DenseFFN(c, n)
 
 
-def _init_std(name: str, tensor: torch.Tensor, c: ModelConfig) -> float | None:
+def _no_reduce(partial: torch.Tensor) -> torch.Tensor:
+    return partial
+
+
+def _init_std(name: str, shape: tuple[int, ...], c: ModelConfig) -> float | None:
     """The init std of a parameter, None for norm weights (ones).
 
     Inputs are scaled by 1/sqrt(fan_in) so every layer mixes; output projections (wo, down)
@@ -152,7 +230,7 @@ def _init_std(name: str, tensor: torch.Tensor, c: ModelConfig) -> float | None:
     if leaf == "embedding":
         return 1.0
     depth = 1.0 / math.sqrt(2 * c.num_layers)
-    fan_in = tensor.shape[-1]
+    fan_in = shape[-1]
     if leaf in ("wo", "down", "experts_down", "shared_down"):
         return depth / math.sqrt(fan_in)
     return 1.0 / math.sqrt(fan_in)
@@ -169,15 +247,21 @@ class MoEDecoder(nn.Module):
         device: str | torch.device = "cpu",
         random_init: bool = True,
         part: ModelPart = "all",
+        shard: Shard = WHOLE,
     ) -> None:
         """Random weights from `seed`, drawn on the CPU in float32 parameter by parameter, so
-        every worker (CPU or GPU) that builds the model (or a part of it) from the same seed
-        holds the same weights. `random_init=False` leaves them uninitialized (for loading)."""
+        every worker (CPU or GPU) that builds the model (or a part or shard of it) from the
+        same seed holds the same weights. `random_init=False` leaves them uninitialized (for
+        loading)."""
         super().__init__()
         if part not in MODEL_PARTS:
             raise ValueError(f"unknown model part {part!r}: one of {', '.join(MODEL_PARTS)}")
         self.config = config
         self.part: ModelPart = part
+        self.shard = shard
+        self.local = local_sizes(config, shard)
+        # Sums a partial attention/FFN output over the tensor-parallel group (whole: as is).
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduce
         c = config
         self.embedding: nn.Parameter | None = None
         self.norm: nn.Parameter | None = None
@@ -185,20 +269,21 @@ class MoEDecoder(nn.Module):
         with torch.device(device):  # allocated in place: a 1B model never exists twice
             if part != "ffn":
                 self.embedding = _param(c, c.vocab_size, c.hidden_size)
-            self.layers = nn.ModuleList(_Layer(c, part) for _ in range(c.num_layers))
+            self.layers = nn.ModuleList(_Layer(c, part, self.local) for _ in range(c.num_layers))
             if part != "ffn":
                 self.norm = _param(c, c.hidden_size)
                 self.lm_head = _param(c, c.vocab_size, c.hidden_size)
         if random_init:
             with torch.no_grad():
                 for name, param in self.named_parameters():
-                    std = _init_std(name, param, c)
+                    shape = full_shape(name, tuple(param.shape), shard)
+                    std = _init_std(name, shape, c)
                     if std is None:
                         param.fill_(1.0)
-                    else:  # drawn on the CPU in float32, one parameter at a time
+                    else:  # drawn whole on the CPU in float32, one parameter at a time
                         generator = torch.Generator().manual_seed(parameter_seed(seed, name))
-                        drawn = torch.empty(param.shape).normal_(0.0, std, generator=generator)
-                        param.copy_(drawn)
+                        drawn = torch.empty(shape).normal_(0.0, std, generator=generator)
+                        param.copy_(shard_tensor(name, drawn, shard))
 
     def _layer(self, index: int) -> _Layer:
         layer = self.layers[index]
@@ -242,6 +327,9 @@ class MoEDecoder(nn.Module):
         """Write the weights with the config as metadata (`from_safetensors` needs no config)."""
         from safetensors.torch import save_file
 
+        if self.shard.world > 1:
+            raise ValueError("a tensor-parallel shard holds slices: save the whole model")
+
         tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
         save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(self.config.to_dict())})
 
@@ -252,9 +340,10 @@ class MoEDecoder(nn.Module):
         config: ModelConfig | None = None,
         device: str | torch.device = "cpu",
         part: ModelPart = "all",
+        shard: Shard = WHOLE,
     ) -> MoEDecoder:
-        """Load weights (only `part`'s tensors are read); the config comes from the file's
-        metadata unless given."""
+        """Load weights (only `part`'s tensors are read, and of those `shard`'s slice is
+        kept); the config comes from the file's metadata unless given."""
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device=str(torch.device(device))) as handle:
@@ -265,7 +354,7 @@ class MoEDecoder(nn.Module):
                         f"{path} has no {METADATA_KEY!r} metadata; pass the ModelConfig explicitly"
                     )
                 config = ModelConfig.from_dict(json.loads(metadata[METADATA_KEY]))
-            model = cls(config, device=device, random_init=False, part=part)
+            model = cls(config, device=device, random_init=False, part=part, shard=shard)
             wanted = list(model.state_dict())
             missing = sorted(set(wanted) - set(handle.keys()))
             if missing:
@@ -273,7 +362,7 @@ class MoEDecoder(nn.Module):
                 raise ValueError(
                     f"{path} lacks {len(missing)} tensors of the model's {part} part: {shown}"
                 )
-            tensors = {name: handle.get_tensor(name) for name in wanted}
+            tensors = {name: shard_tensor(name, handle.get_tensor(name), shard) for name in wanted}
         model.load_state_dict(tensors, strict=True)
         return model
 
@@ -290,9 +379,10 @@ class MoEDecoder(nn.Module):
         c = self.config
         attn = self._attn(layer)
         x = rms_norm(h, attn.norm, c.rms_norm_eps)
-        q = (x @ attn.wq.t()).view(-1, c.num_heads, c.head_dim)
-        k = (x @ attn.wk.t()).view(-1, c.num_kv_heads, c.head_dim)
-        v = (x @ attn.wv.t()).view(-1, c.num_kv_heads, c.head_dim)
+        n = self.local
+        q = (x @ attn.wq.t()).view(-1, n.num_heads, c.head_dim)
+        k = (x @ attn.wk.t()).view(-1, n.num_kv_heads, c.head_dim)
+        v = (x @ attn.wv.t()).view(-1, n.num_kv_heads, c.head_dim)
         return rotary(q, positions, c.rope_theta), rotary(k, positions, c.rope_theta), v
 
     @torch.inference_mode()
@@ -319,7 +409,7 @@ class MoEDecoder(nn.Module):
             mask = torch.ones(h.shape[0], width, dtype=torch.bool, device=h.device).tril(
                 diagonal=width - h.shape[0]
             )
-        group = c.num_heads // c.num_kv_heads
+        group = c.num_heads // c.num_kv_heads  # the same on every shard
         out = functional.scaled_dot_product_attention(
             q.transpose(0, 1),
             keys.repeat_interleave(group, dim=1).transpose(0, 1),
@@ -328,8 +418,8 @@ class MoEDecoder(nn.Module):
             is_causal=past is None,
             scale=1.0 / math.sqrt(c.head_dim),
         )  # [H, T, D]
-        out = out.transpose(0, 1).reshape(h.shape[0], c.num_heads * c.head_dim)
-        return h + out @ self._attn(layer).wo.t(), keys, values
+        out = out.transpose(0, 1).reshape(h.shape[0], self.local.num_heads * c.head_dim)
+        return h + self.reduce(out @ self._attn(layer).wo.t()), keys, values
 
     def prefill_positions(
         self, tokens: int, past: list[tuple[torch.Tensor, torch.Tensor]] | None
@@ -366,8 +456,8 @@ class MoEDecoder(nn.Module):
             context_lens.to(cache.device),
             1.0 / math.sqrt(c.head_dim),
         )
-        out = out.to(h.dtype).reshape(h.shape[0], c.num_heads * c.head_dim)
-        return h + out @ self._attn(layer).wo.t()
+        out = out.to(h.dtype).reshape(h.shape[0], self.local.num_heads * c.head_dim)
+        return h + self.reduce(out @ self._attn(layer).wo.t())
 
     def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The router on normed `x`: softmax over all experts in float32, top-k, the top-k
@@ -388,7 +478,7 @@ class MoEDecoder(nn.Module):
         ffn = self._ffn(layer)
         x = rms_norm(h, ffn.norm, self.config.rms_norm_eps)
         if isinstance(ffn, _DenseFFN):
-            return h + _swiglu(x, ffn.gate_up, ffn.down)
+            return h + self.reduce(_swiglu(x, ffn.gate_up, ffn.down))
         weights, ids = self.route(layer, x)
         if experts is not None:
             out = experts(layer, x, weights, ids)
@@ -396,7 +486,7 @@ class MoEDecoder(nn.Module):
             out = fused_moe(x, ffn.experts_gate_up, ffn.experts_down, weights, ids)
         if ffn.shared_gate_up is not None and ffn.shared_down is not None:
             out = out + _swiglu(x, ffn.shared_gate_up, ffn.shared_down)
-        return h + out
+        return h + self.reduce(out)
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from kleave.workers.kv_cache import PagedKVCache
-from kleave.workers.model import MoEDecoder
+from kleave.workers.model import Decoder
 from kleave.workers.serve.engine import (
     Engine,
     ErrorEvent,
@@ -51,7 +51,14 @@ from kleave.workers.serve.http import (
 )
 from kleave.workers.serve.metrics import WorkerMetrics
 from kleave.workers.serve.plan import ServingPlan
-from kleave.workers.serve.runtime import WorkerOptions, build_cache, build_model, plan_info
+from kleave.workers.serve.runtime import (
+    WorkerOptions,
+    build_cache,
+    build_model,
+    close_model,
+    model_failure,
+    plan_info,
+)
 from kleave.workers.serve.sampling import SamplingError, SamplingParams
 from kleave.workers.transport.kv_transfer import KVReceiver, KVTransferError
 
@@ -80,7 +87,7 @@ class DecodeServer:
         self.role = role
         self.metrics = WorkerMetrics(plan.model, max_model_len=plan.config.max_position)
         self.thread = ModelThread()
-        self.model: MoEDecoder | None = None
+        self.model: Decoder | None = None
         self.cache: PagedKVCache | None = None
         self.engine: Engine | None = None
         self.receiver: KVReceiver | None = None
@@ -93,7 +100,11 @@ class DecodeServer:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 2**20)
         add_health_routes(
-            app, render_metrics=self.metrics.render, ready=self.not_ready, info=self.info
+            app,
+            render_metrics=self.metrics.render,
+            ready=self.not_ready,
+            info=self.info,
+            alive=lambda: model_failure(self.model),
         )
         app.router.add_post("/v1/generate", self.generate)
         app.on_startup.append(self._on_startup)
@@ -148,6 +159,7 @@ class DecodeServer:
             await self.receiver.close()
         if self.ffn is not None:
             await self.ffn.close()
+        await asyncio.to_thread(close_model, self.model)
         self.thread.close()
 
     def not_ready(self) -> str | None:
@@ -155,6 +167,9 @@ class DecodeServer:
             return f"the {self.role} worker failed to start: {self.load_error}"
         if self.engine is None:
             return f"the {self.role} worker is loading model {self.plan.preset}"
+        failure = model_failure(self.model)
+        if failure is not None:
+            return f"the {self.role} worker cannot compute: {failure}"
         if not self.engine.alive:
             return f"the {self.role} worker's engine stopped: {self.engine.failure!r}"
         if self.ffn is not None:

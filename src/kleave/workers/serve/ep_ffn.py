@@ -14,21 +14,19 @@ different batch of rows, and with k > 2 the partial sums are added in another or
 within 1e-5, and greedy tokens the same).
 
 The ranks form one ``torch.distributed`` world (gloo on CPU, NCCL on GPUs) through a
-``TCPStore`` that rank 0 hosts on the loopback interface. A rank whose peer dies gets an error
-from its next collective and exits; rank 0 then fails the layer call, which the attention
-worker reports (it retries once on another FFN worker).
+``TCPStore`` that rank 0 hosts on the loopback interface (``ranks``). The layer numbers go
+over a gloo group of their own whose timeout is a week, so ranks 1..N-1 wait for the next
+call as long as the worker stays idle; the collectives of a call keep ``op_timeout_s``. A
+rank whose peer dies gets an error from its next collective and exits; rank 0 then fails the
+layer call, which the attention worker reports (it retries once on another FFN worker).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
-import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,33 +36,19 @@ import torch.distributed as dist
 from kleave.workers.config import ModelConfig
 from kleave.workers.kernels import fused_moe
 from kleave.workers.model import MoEDecoder, _MoEFFN
+from kleave.workers.serve.ranks import (
+    CONTROL_TIMEOUT,
+    FORM_TIMEOUT,
+    RankArgs,
+    backend_for,
+    rank_device,
+    start_ranks,
+)
 from kleave.workers.transport.ep import DistributedEPGroup, EPBuffer
 
 log = logging.getLogger(__name__)
 
 STOP = -1  # the layer number of the broadcast that ends the other ranks' loop
-TIMEOUT_S = 120.0  # forming the world, and any one collective
-
-
-@dataclass(frozen=True)
-class RankArgs:
-    """What a rank process needs: the world and the model (JSON on its command line)."""
-
-    rank: int
-    world: int
-    port: int
-    config: dict[str, Any]
-    seed: int
-    weights: str | None
-    device: str
-    torch_threads: int | None
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__)
-
-    @classmethod
-    def from_json(cls, text: str) -> RankArgs:
-        return cls(**json.loads(text))
 
 
 def check_expert_parallel(config: ModelConfig, world: int) -> None:
@@ -75,17 +59,6 @@ def check_expert_parallel(config: ModelConfig, world: int) -> None:
         raise ValueError(
             f"--expert-parallel {world} does not divide the model's {config.num_experts} experts"
         )
-
-
-def backend_for(device: str) -> str:
-    return "nccl" if device.startswith("cuda") else "gloo"
-
-
-def rank_device(device: str, rank: int) -> str:
-    """Rank r's device: the r-th GPU when the worker's device is ``cuda`` (a pod with N GPUs)."""
-    if device == "cuda":
-        return f"cuda:{rank}"
-    return device
 
 
 def keep_expert_shard(model: MoEDecoder, rank: int, world: int) -> None:
@@ -106,12 +79,14 @@ def keep_expert_shard(model: MoEDecoder, rank: int, world: int) -> None:
 class ExpertParallelFFN:
     """One rank's share of every MoE layer; rank 0's ``ffn`` is what the FFN server calls."""
 
-    def __init__(self, model: MoEDecoder, rank: int, world: int) -> None:
+    def __init__(self, model: MoEDecoder, rank: int, world: int, groups: tuple[Any, Any]) -> None:
         self.model = model
         self.rank = rank
         self.world = world
+        # data: dispatch/combine (op timeout); control: the layer numbers (waits a week)
+        data, self.control = groups
         config = model.config
-        self.buffer = EPBuffer(DistributedEPGroup(), config.num_experts, config.hidden_size)
+        self.buffer = EPBuffer(DistributedEPGroup(data), config.num_experts, config.hidden_size)
 
     def ffn(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Rank 0: ``h + FFN(norm(h))`` of one layer, the experts' part spread over the ranks."""
@@ -124,19 +99,15 @@ class ExpertParallelFFN:
         self._announce(STOP, 0)
 
     def _announce(self, layer: int, tokens: int) -> None:
-        header = torch.tensor([layer, tokens], dtype=torch.int64, device=self._comm_device)
-        dist.broadcast(header, 0)
-
-    @property
-    def _comm_device(self) -> torch.device:
-        return self.model.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        header = torch.tensor([layer, tokens], dtype=torch.int64)
+        dist.broadcast(header, 0, group=self.control)
 
     def serve(self) -> None:
         """Ranks 1..N-1: follow rank 0's layer calls until it says stop (or dies)."""
         hidden = self.model.config.hidden_size
         while True:
-            header = torch.empty(2, dtype=torch.int64, device=self._comm_device)
-            dist.broadcast(header, 0)
+            header = torch.empty(2, dtype=torch.int64)
+            dist.broadcast(header, 0, group=self.control)
             layer = int(header[0])
             if layer == STOP:
                 return
@@ -164,31 +135,35 @@ class ExpertParallelFFN:
         return self.buffer.combine(rows, sent.handle)
 
 
-def init_world(rank: int, world: int, port: int, device: str) -> None:
-    """Join the rank-0-hosted world on 127.0.0.1:port."""
-    timeout = datetime.timedelta(seconds=TIMEOUT_S)
+def init_world(args: RankArgs, device: str) -> tuple[Any, Any]:
+    """Join the rank-0-hosted world on 127.0.0.1:port; -> (data group, control group).
+
+    The world itself has the long formation timeout (ranks start slowly); the groups made
+    from it carry the op and control timeouts."""
     store = dist.TCPStore(  # type: ignore[attr-defined]
-        "127.0.0.1", port, world, rank == 0, timeout=timeout, wait_for_workers=False
+        "127.0.0.1",
+        args.port,
+        args.world,
+        args.rank == 0,
+        timeout=FORM_TIMEOUT,
+        wait_for_workers=False,
     )
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     dist.init_process_group(
-        backend_for(device), store=store, rank=rank, world_size=world, timeout=timeout
+        backend_for(device),
+        store=store,
+        rank=args.rank,
+        world_size=args.world,
+        timeout=FORM_TIMEOUT,
     )
+    data = dist.new_group(backend=backend_for(device), timeout=args.op_timeout)
+    return data, dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
-def start_ranks(args: RankArgs) -> list[subprocess.Popen[bytes]]:
-    """Rank 0 starts ranks 1..N-1 as child processes (they die with it: see ``serve``)."""
-    children = []
-    for rank in range(1, args.world):
-        child_args = RankArgs(**{**args.__dict__, "rank": rank})
-        children.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "kleave.workers.serve.ep_ffn", child_args.to_json()],
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        )
-    return children
+def start_expert_ranks(args: RankArgs) -> list[subprocess.Popen[bytes]]:
+    """Rank 0 starts ranks 1..N-1 (they die with it: see ``serve``)."""
+    return start_ranks("kleave.workers.serve.ep_ffn", args)
 
 
 def build_rank(args: RankArgs) -> ExpertParallelFFN:
@@ -201,8 +176,8 @@ def build_rank(args: RankArgs) -> ExpertParallelFFN:
     else:
         model = MoEDecoder.from_safetensors(Path(args.weights), device=device, part="ffn")
     keep_expert_shard(model, args.rank, args.world)
-    init_world(args.rank, args.world, args.port, device)
-    return ExpertParallelFFN(model, args.rank, args.world)
+    groups = init_world(args, device)
+    return ExpertParallelFFN(model, args.rank, args.world, groups)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,18 +23,24 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from kleave.devcluster.processes import free_ports
-from kleave.workers.model import MoEDecoder
+from kleave.workers.model import Decoder
 from kleave.workers.serve.ep_ffn import (
     ExpertParallelFFN,
-    RankArgs,
     build_rank,
     check_expert_parallel,
-    start_ranks,
+    start_expert_ranks,
 )
 from kleave.workers.serve.http import add_health_routes, errors_middleware
 from kleave.workers.serve.metrics import TRANSFER_BUCKETS
 from kleave.workers.serve.plan import ServingPlan
-from kleave.workers.serve.runtime import WorkerOptions, build_model, plan_info
+from kleave.workers.serve.ranks import RankArgs, reap
+from kleave.workers.serve.runtime import (
+    WorkerOptions,
+    build_model,
+    close_model,
+    model_failure,
+    plan_info,
+)
 from kleave.workers.transport.af import FFNServer as ActivationServer
 
 log = logging.getLogger(__name__)
@@ -70,7 +76,7 @@ class FFNWorker:
         self.plan = plan
         self.options = options
         self.metrics = FFNMetrics(plan.model)
-        self.model: MoEDecoder | None = None
+        self.model: Decoder | None = None
         self.server: ActivationServer | None = None
         self.load_error: str | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -80,7 +86,11 @@ class FFNWorker:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware])
         add_health_routes(
-            app, render_metrics=self.metrics.render, ready=self.not_ready, info=self.info
+            app,
+            render_metrics=self.metrics.render,
+            ready=self.not_ready,
+            info=self.info,
+            alive=lambda: model_failure(self.model),
         )
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
@@ -125,7 +135,7 @@ class FFNWorker:
             device=self.options.device,
             torch_threads=self.options.torch_threads,
         )
-        self._ranks = start_ranks(args)
+        self._ranks = start_expert_ranks(args)
         log.info("expert parallel over %d ranks (pids %s)", world, [p.pid for p in self._ranks])
         return await asyncio.to_thread(build_rank, args)
 
@@ -137,18 +147,14 @@ class FFNWorker:
         if self.server is not None:
             await self.server.close()
         await asyncio.to_thread(self._stop_ranks)
+        await asyncio.to_thread(close_model, self.model)
 
     def _stop_ranks(self) -> None:
         """Tell the other ranks to stop (no layer call runs now), then reap them."""
         if self.ep is not None:
             with contextlib.suppress(Exception):
                 self.ep.stop()
-        for child in self._ranks:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        reap(self._ranks)
         if dist.is_initialized():
             dist.destroy_process_group()
         self.ep = None
@@ -158,6 +164,9 @@ class FFNWorker:
             return f"the ffn worker failed to start: {self.load_error}"
         if self.server is None:
             return f"the ffn worker is loading model {self.plan.preset}"
+        failure = model_failure(self.model)
+        if failure is not None:
+            return f"the ffn worker cannot compute: {failure}"
         return None
 
     def info(self) -> dict[str, Any]:
@@ -166,5 +175,6 @@ class FFNWorker:
             **plan_info(self.plan, self.model),
             "af_port": self.server.port if self.server is not None else None,
             "expert_parallel": self.options.expert_parallel,
+            "tensor_parallel": self.options.tensor_parallel,
             "af_host": self.options.advertise_host,
         }

@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from kleave.workers.kv_cache import PagedKVCache
-from kleave.workers.model import MoEDecoder
+from kleave.workers.model import Decoder
 
 T = TypeVar("T")
 KVLayers = list[tuple[torch.Tensor, torch.Tensor]]
@@ -62,7 +62,7 @@ class Forward(Protocol):
 class LocalForward:
     """The whole model in this process."""
 
-    def __init__(self, model: MoEDecoder, thread: ModelThread) -> None:
+    def __init__(self, model: Decoder, thread: ModelThread) -> None:
         self.model = model
         self.thread = thread
 
@@ -98,7 +98,7 @@ class RemoteFFNForward:
 
     def __init__(
         self,
-        model: MoEDecoder,
+        model: Decoder,
         thread: ModelThread,
         ffn: RemoteFFN,
         on_exchange: Callable[[float], None] | None = None,

@@ -140,10 +140,15 @@ def add_health_routes(
     render_metrics: Callable[[], bytes],
     ready: Probe,
     info: Callable[[], Mapping[str, Any]],
+    alive: Probe | None = None,
 ) -> None:
-    """/healthz (the process answers), /readyz (it can serve), /metrics, /v1/info."""
+    """/healthz (the process answers; a 500 when ``alive`` says it can never serve again,
+    so the kubelet restarts it), /readyz (it can serve), /metrics, /v1/info."""
 
     async def healthz(_: web.Request) -> web.Response:
+        reason = alive() if alive is not None else None
+        if reason is not None:
+            return error_response(500, reason)
         return web.json_response({"status": "ok", **info()})
 
     async def readyz(_: web.Request) -> web.Response:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from kleave.workers.model import MoEDecoder
+from kleave.workers.model import Decoder
 from kleave.workers.prefix_cache import PrefixCache, PrefixHit
 from kleave.workers.serve.decode_server import parse_sampling
 from kleave.workers.serve.forward import ModelThread
@@ -41,7 +41,13 @@ from kleave.workers.serve.http import (
 )
 from kleave.workers.serve.metrics import WorkerMetrics
 from kleave.workers.serve.plan import ServingPlan
-from kleave.workers.serve.runtime import WorkerOptions, build_model, plan_info
+from kleave.workers.serve.runtime import (
+    WorkerOptions,
+    build_model,
+    close_model,
+    model_failure,
+    plan_info,
+)
 from kleave.workers.serve.sampling import SamplingParams, sample
 from kleave.workers.transport.kv_transfer import KVSender, KVTransferError
 
@@ -57,7 +63,7 @@ def parse_peer(value: str) -> tuple[str, int]:
 
 
 def prefill_and_send(
-    model: MoEDecoder,
+    model: Decoder,
     tokens: list[int],
     sender: KVSender,
     request_id: str,
@@ -93,7 +99,7 @@ class PrefillServer:
             if capacity > 0
             else None
         )
-        self.model: MoEDecoder | None = None
+        self.model: Decoder | None = None
         self.load_error: str | None = None
         self._turn = asyncio.Lock()  # FIFO: one prefill at a time
         self._senders: dict[tuple[str, int], KVSender] = {}
@@ -105,7 +111,11 @@ class PrefillServer:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware], client_max_size=16 * 2**20)
         add_health_routes(
-            app, render_metrics=self.metrics.render, ready=self.not_ready, info=self.info
+            app,
+            render_metrics=self.metrics.render,
+            ready=self.not_ready,
+            info=self.info,
+            alive=lambda: model_failure(self.model),
         )
         app.router.add_post("/v1/prefill", self.prefill)
         app.on_startup.append(self._on_startup)
@@ -131,6 +141,7 @@ class PrefillServer:
         for sender in self._senders.values():
             with contextlib.suppress(Exception):
                 await sender.close(linger=1.0)
+        await asyncio.to_thread(close_model, self.model)
         self.thread.close()
 
     def not_ready(self) -> str | None:
@@ -138,6 +149,9 @@ class PrefillServer:
             return f"the prefill worker failed to start: {self.load_error}"
         if self.model is None:
             return f"the prefill worker is loading model {self.plan.preset}"
+        failure = model_failure(self.model)
+        if failure is not None:
+            return f"the prefill worker cannot compute: {failure}"
         return None
 
     def info(self) -> dict[str, Any]:
@@ -242,7 +256,7 @@ class PrefillServer:
 
     async def _run(
         self,
-        model: MoEDecoder,
+        model: Decoder,
         *,
         request_id: str,
         prompt: list[int],

@@ -3,7 +3,8 @@
 Every process of a plan must hold the same weights, or a prefill worker's K/V would mean
 nothing to its decode worker: weights come from the plan's seed (drawn deterministically on the
 CPU, see MoEDecoder) or from one safetensors file every process loads, whose embedded config
-must equal the plan's.
+must equal the plan's. With ``--tensor-parallel N`` the model and the cache are rank 0's of
+a group of N processes (``tensor_parallel``), which the servers use as they use one model.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from typing import Any
 import torch
 
 from kleave.workers.kv_cache import PagedKVCache
-from kleave.workers.model import ModelPart, MoEDecoder
+from kleave.workers.model import Decoder, ModelPart, MoEDecoder
 from kleave.workers.serve.plan import PlanError, ServingPlan
+from kleave.workers.serve.ranks import RankArgs
+from kleave.workers.serve.tensor_parallel import TensorParallelDecoder, start_tensor_parallel
+from kleave.workers.tensor_parallel import check_tensor_parallel
 from kleave.workers.transport.kv_transfer import Backend
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ class WorkerOptions:
     prefix_cache_mb: float = 64.0  # prefill: K/V of recent prompts' full blocks (0: off)
     prefix_caching: bool = True  # colocated/decode: reuse cached prompt blocks in the paged cache
     expert_parallel: int = 1  # ffn: ranks (processes, GPUs) the experts are split over
+    tensor_parallel: int = 1  # ranks (processes, GPUs) every layer's heads and width are split over
     weights: Path | None = None
     torch_threads: int | None = None
     device: str = "cpu"
@@ -69,10 +74,15 @@ def model_part(role: str) -> ModelPart:
     return "all"
 
 
-def build_model(plan: ServingPlan, options: WorkerOptions) -> MoEDecoder:
+CACHE_ROLES = ("colocated", "decode", "attention")  # the servers that hold a paged KV cache
+
+
+def build_model(plan: ServingPlan, options: WorkerOptions) -> Decoder:
     """The part of the plan's model `options.role` runs: from `options.weights`, else random
-    from the plan's seed."""
+    from the plan's seed; with `--tensor-parallel N`, over N ranks (this process rank 0)."""
     part = model_part(options.role)
+    if options.tensor_parallel > 1:
+        return _start_tensor_parallel(plan, options, part)
     if options.weights is None:
         return MoEDecoder(plan.config, seed=plan.seed, device=options.device, part=part)
     model = MoEDecoder.from_safetensors(options.weights, device=options.device, part=part)
@@ -84,7 +94,41 @@ def build_model(plan: ServingPlan, options: WorkerOptions) -> MoEDecoder:
     return model
 
 
-def plan_info(plan: ServingPlan, model: MoEDecoder | None) -> dict[str, Any]:
+def _start_tensor_parallel(
+    plan: ServingPlan, options: WorkerOptions, part: ModelPart
+) -> TensorParallelDecoder:
+    try:
+        check_tensor_parallel(plan.config, options.tensor_parallel)
+    except ValueError as error:
+        raise PlanError(f"{plan.preset}: {error}") from None
+    args = RankArgs(
+        rank=0,
+        world=options.tensor_parallel,
+        port=0,
+        config=plan.config.to_dict(),
+        seed=plan.seed,
+        weights=str(options.weights) if options.weights is not None else None,
+        device=options.device,
+        torch_threads=options.torch_threads,
+        part=part,
+        cache_blocks=cache_blocks(plan, options) if options.role in CACHE_ROLES else 0,
+        block_size=options.block_size,
+    )
+    return start_tensor_parallel(args)
+
+
+def model_failure(model: Decoder | None) -> str | None:
+    """Why a loaded model cannot compute any more (a tensor-parallel rank died), or None."""
+    return model.failure if isinstance(model, TensorParallelDecoder) else None
+
+
+def close_model(model: Decoder | None) -> None:
+    """Stop what the model runs on besides this process (tensor-parallel ranks)."""
+    if isinstance(model, TensorParallelDecoder):
+        model.close()
+
+
+def plan_info(plan: ServingPlan, model: Decoder | None) -> dict[str, Any]:
     """What every worker's /v1/info says about its model, and which weights it holds."""
     info: dict[str, Any] = {
         "model": plan.model,
@@ -99,26 +143,35 @@ def plan_info(plan: ServingPlan, model: MoEDecoder | None) -> dict[str, Any]:
             "part": model.part,
             "parameters": sum(t.numel() for t in tensors),
             "bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "tensor_parallel": model.world if isinstance(model, TensorParallelDecoder) else 1,
         }
     return info
 
 
 def cache_blocks(plan: ServingPlan, options: WorkerOptions) -> int:
-    """`--kv-blocks`, else as many blocks as `--kv-cache-mb` holds."""
+    """`--kv-blocks`, else as many blocks as `--kv-cache-mb` holds (per rank: a rank of a
+    tensor-parallel group holds 1/N of each block's heads, so N ranks hold N times the
+    blocks)."""
     if options.kv_blocks is not None:
         return options.kv_blocks
-    per_block = plan.config.kv_bytes_per_token * options.block_size
+    per_block = plan.config.kv_bytes_per_token * options.block_size // options.tensor_parallel
     return max(1, int(options.kv_cache_mb * 2**20) // per_block)
 
 
-def build_cache(plan: ServingPlan, options: WorkerOptions, model: MoEDecoder) -> PagedKVCache:
+def build_cache(plan: ServingPlan, options: WorkerOptions, model: Decoder) -> PagedKVCache:
     blocks = cache_blocks(plan, options)
+    per_rank = plan.config.kv_bytes_per_token / options.tensor_parallel
     log.info(
-        "KV cache: %d blocks of %d tokens (%.1f MiB)",
+        "KV cache: %d blocks of %d tokens (%.1f MiB%s)",
         blocks,
         options.block_size,
-        blocks * options.block_size * plan.config.kv_bytes_per_token / 2**20,
+        blocks * options.block_size * per_rank / 2**20,
+        f" on each of {options.tensor_parallel} ranks" if options.tensor_parallel > 1 else "",
     )
+    if isinstance(model, TensorParallelDecoder):
+        if model.cache is None or model.cache.num_blocks != blocks:
+            raise RuntimeError("the tensor-parallel ranks were started without this cache")
+        return model.cache
     return PagedKVCache(
         plan.config, blocks, options.block_size, device=model.device, dtype=model.dtype
     )
