@@ -301,7 +301,11 @@ def test_a_killed_decode_worker_fails_the_request_in_flight(tmp_path: Path) -> N
         plane.stop()
 
 
-def test_kleave_workers_up_serves_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
+def test_kleave_workers_up_serves_and_stops_everything_on_sigterm(
+    tmp_path: Path, reference: list[list[int]]
+) -> None:
+    """PD with every worker's layers split over two processes (tensor parallelism): exact
+    tokens, and SIGTERM stops the workers and the ranks they started."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -310,7 +314,9 @@ def test_kleave_workers_up_serves_and_stops_everything_on_sigterm(tmp_path: Path
             "workers",
             "up",
             "--topology",
-            "Colocated",
+            "PD",
+            "--tensor-parallel",
+            "2",
             "--port",
             "0",
             "--state-dir",
@@ -326,13 +332,26 @@ def test_kleave_workers_up_serves_and_stops_everything_on_sigterm(tmp_path: Path
         assert line.startswith("router: http://"), line
         url = line.split()[1]
         answer = openai.OpenAI(base_url=url, api_key="unused", max_retries=0).completions.create(
-            model="tiny", prompt="hi", max_tokens=3, temperature=0
+            model="tiny",
+            prompt=PROMPTS[2],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
         )
-        assert answer.usage is not None and answer.usage.completion_tokens <= 3
+        extra = answer.choices[0].model_extra
+        assert extra is not None and extra["token_ids"] == reference[2]
         plan = json.loads((tmp_path / "plan.json").read_text())
-        worker = plan["pools"]["decode"]["urls"][0]
+        workers = [plan["pools"][role]["urls"][0] for role in ("prefill", "decode")]
+        pids = []
+        for worker in workers:
+            with urllib.request.urlopen(f"{worker}/v1/info", timeout=10) as response:
+                ranks = json.load(response)["tensor_parallel"]
+            assert ranks["size"] == len(ranks["rank_pids"]) == 2
+            pids += ranks["rank_pids"]
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"{worker}/healthz", timeout=2)
+    for worker in workers:
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{worker}/healthz", timeout=2)
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]  # every rank stopped

@@ -175,6 +175,5 @@ class FFNWorker:
             **plan_info(self.plan, self.model),
             "af_port": self.server.port if self.server is not None else None,
             "expert_parallel": self.options.expert_parallel,
-            "tensor_parallel": self.options.tensor_parallel,
             "af_host": self.options.advertise_host,
         }

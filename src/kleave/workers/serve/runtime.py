@@ -136,14 +136,17 @@ def plan_info(plan: ServingPlan, model: Decoder | None) -> dict[str, Any]:
         "revision": plan.revision,
         "config": plan.config.to_dict(),
         "weights": None,
+        "tensor_parallel": {"size": 1, "rank_pids": [os.getpid()]},
     }
+    if isinstance(model, TensorParallelDecoder):
+        pids = [os.getpid(), *(child.pid for child in model.children)]
+        info["tensor_parallel"] = {"size": model.world, "rank_pids": pids}
     if model is not None:
         tensors = list(model.parameters())
         info["weights"] = {
             "part": model.part,
             "parameters": sum(t.numel() for t in tensors),
             "bytes": sum(t.numel() * t.element_size() for t in tensors),
-            "tensor_parallel": model.world if isinstance(model, TensorParallelDecoder) else 1,
         }
     return info
 
