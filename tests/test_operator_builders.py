@@ -44,6 +44,7 @@ def pd_doc(engine: str = "builtin") -> Doc:
                 "gpuType": "H100-SXM",
                 "replicas": 3,
                 "gpusPerReplica": 2,
+                "parallelism": {"tensor": 2},
                 "resources": {"requests": {"cpu": 8, "memory": "64Gi"}},
             },
         },
@@ -126,7 +127,7 @@ def edit(path: str, value: Any) -> Callable[[Doc], None]:
 
 PLAN_CHANGES = {
     "kvTransfer.backend": edit("kvTransfer.backend", "tcp"),
-    "parallelism": edit("pools.decode.parallelism", {"tensor": 2}),
+    "parallelism": edit("pools.decode.parallelism", {"tensor": 1}),
     "gpusPerReplica": edit("pools.prefill.gpusPerReplica", 2),
     "args": edit("pools.prefill.args", ["--max-num-seqs", "64"]),
     "model": edit("model", "org/other-model"),

@@ -226,7 +226,9 @@ def test_an_image_override_wins_for_workers_and_routers() -> None:
     ],
 )
 def test_builtin_worker(topology: Topology, role: Role) -> None:
-    preset = worker("builtin", topology, role, "tcp", tensor=2, expert=4, gpus=8)
+    # FFN workers split by experts, the others by tensor parallelism, over all their GPUs.
+    tensor, expert = (1, 4) if role == "ffn" else (4, 1)
+    preset = worker("builtin", topology, role, "tcp", tensor=tensor, expert=expert, gpus=4)
     assert preset == ContainerPreset(
         image=f"kleave/kleave:{__version__}",
         command=("kleave",),
@@ -242,9 +244,11 @@ def test_builtin_worker(topology: Topology, role: Role) -> None:
             "--kv-backend",
             "tcp",
             "--tensor-parallel",
-            "2",
+            str(tensor),
             "--expert-parallel",
-            "4",
+            str(expert),
+            "--device",
+            "cuda",
         ),
         env=(),
         ports=(HTTP,),
@@ -253,6 +257,22 @@ def test_builtin_worker(topology: Topology, role: Role) -> None:
         metrics_path="/metrics",
         shm=True,
     )
+
+
+@pytest.mark.parametrize(
+    ("role", "tensor", "expert", "gpus", "message"),
+    [
+        ("decode", 1, 2, 2, r"spec.pools.decode.parallelism.expert \(2\): .* only in PDAF's ffn"),
+        ("ffn", 2, 2, 4, r"spec.pools.ffn.parallelism: .* not both"),
+        ("decode", 2, 1, 4, r"spec.pools.decode.gpusPerReplica \(4\) must equal .* \(2\)"),
+    ],
+)
+def test_builtin_refuses_a_layout_its_workers_cannot_run(
+    role: Role, tensor: int, expert: int, gpus: int, message: str
+) -> None:
+    topology: Topology = "PDAF" if role == "ffn" else "PD"
+    with pytest.raises(EngineConfigError, match=message):
+        worker("builtin", topology, role, "tcp", tensor=tensor, expert=expert, gpus=gpus)
 
 
 def test_builtin_worker_resolves_auto_and_needs_no_shm_on_one_gpu() -> None:

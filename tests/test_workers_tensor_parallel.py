@@ -8,6 +8,7 @@ whole model's to float32 rounding, not bit for bit; greedy tokens are the same (
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -384,3 +385,37 @@ def test_a_dead_rank_fails_requests_and_health_naming_it() -> None:
                     assert "rank 1" in reason and "restart" in reason, reason
 
     run(scenario())
+
+
+# ----- the command line ------------------------------------------------------------------------
+def serve_refusal(tmp_path: Path, *args: str) -> str:
+    """`kleave workers serve ARGS` against a local tiny plan: its error line (exit 1)."""
+    from click.testing import CliRunner
+
+    from kleave.cli import main
+    from kleave.workers.serve.plan import local_plan
+
+    plan = tmp_path / "plan.json"
+    urls = {"decode": ["http://127.0.0.1:1"]}
+    document = local_plan(topology="Colocated", model="tiny", pools=urls, router_url="http://r")
+    plan.write_text(json.dumps(document))
+    result = CliRunner().invoke(
+        main, ["workers", "serve", "--role", "decode", "--plan", str(plan), *args]
+    )
+    assert result.exit_code == 1, result.output
+    return result.output
+
+
+def test_serve_refuses_what_its_ranks_could_not_run_naming_the_setting(tmp_path: Path) -> None:
+    assert "must divide the model's num_kv_heads (2)" in serve_refusal(
+        tmp_path, "--tensor-parallel", "4"
+    )
+    assert "by width or by experts" in serve_refusal(
+        tmp_path, "--tensor-parallel", "2", "--expert-parallel", "2"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_serve_on_a_gpu_it_cannot_see_fails_at_once_saying_why(tmp_path: Path) -> None:
+    output = serve_refusal(tmp_path, "--device", "cuda", "--tensor-parallel", "2")
+    assert "--device cuda: this process sees no CUDA device" in output

@@ -221,6 +221,7 @@ def worker_preset(spec: WorkerSpec) -> ContainerPreset:
     image = spec.image or default_image(spec.engine, "worker")
     http = Port("http", WORKER_PORT)
     if spec.engine == "builtin":
+        _check_builtin_layout(spec)
         return ContainerPreset(
             image=image,
             command=("kleave",),
@@ -239,6 +240,8 @@ def worker_preset(spec: WorkerSpec) -> ContainerPreset:
                 str(spec.tensor),
                 "--expert-parallel",
                 str(spec.expert),
+                "--device",
+                "cuda",
                 *spec.extra_args,
             ),
             env=(),
@@ -377,6 +380,29 @@ def _layout(spec: WorkerSpec) -> tuple[int, int]:
             f"parallelism.expert ({spec.tensor} x {spec.expert})"
         )
     return spec.tensor, spec.gpus // spec.tensor
+
+
+def _check_builtin_layout(spec: WorkerSpec) -> None:
+    """What kleave's own workers can run: one model copy per replica over exactly its GPUs,
+    split by tensor parallelism (any role) or by experts (FFN workers only), not both."""
+    where = f"spec.pools.{spec.role}"
+    if spec.expert > 1 and spec.role != "ffn":
+        raise EngineConfigError(
+            f"{where}.parallelism.expert ({spec.expert}): the builtin engine splits experts "
+            "only in PDAF's ffn workers; split this pool with parallelism.tensor"
+        )
+    if spec.expert > 1 and spec.tensor > 1:
+        raise EngineConfigError(
+            f"{where}.parallelism: the builtin engine splits an ffn worker by experts or by "
+            f"tensor, not both (got tensor {spec.tensor}, expert {spec.expert})"
+        )
+    used = spec.tensor * spec.expert
+    if spec.gpus != used:
+        raise EngineConfigError(
+            f"{where}.gpusPerReplica ({spec.gpus}) must equal parallelism.tensor x "
+            f"parallelism.expert ({used}) for the builtin engine: each replica runs one copy "
+            "of the model over all its GPUs (no data-parallel groups), so more would sit idle"
+        )
 
 
 def _vllm_worker(

@@ -170,6 +170,7 @@ def serve(
             f"--expert-parallel > 1 splits the experts of an ffn worker (PDAF); the {role} "
             "worker runs the whole FFN: set its pool's parallelism.expert to 1"
         )
+    _check_device(device, max(tensor_parallel, expert_parallel))
     from kleave.workers.transport.framing import TransportError
     from kleave.workers.transport.kv_transfer import check_backend
 
@@ -221,6 +222,27 @@ def serve(
         device=device,
     )
     asyncio.run(run_worker(plan, options))
+
+
+def _check_device(device: str, ranks: int) -> None:
+    """A worker told to use GPUs that it cannot see fails now, saying why (the operator runs
+    builtin pools with ``--device cuda``), instead of when the model loads."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise _Failure(
+            f"--device {device}: this process sees no CUDA device (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda}); a GPU pool's pods need nvidia.com/gpu and "
+            "the NVIDIA container runtime, or run the worker with --device cpu"
+        )
+    visible = torch.cuda.device_count()
+    if device == "cuda" and ranks > visible:
+        raise _Failure(
+            f"{ranks} ranks need {ranks} GPUs, one each, and this process sees {visible}: "
+            "set the pool's gpusPerReplica to parallelism.tensor x parallelism.expert"
+        )
 
 
 @workers.command("router")
