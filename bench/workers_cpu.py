@@ -1,4 +1,5 @@
-"""The bundled workers on this machine's CPUs: Colocated vs PD vs PDAF, tiny model.
+"""The bundled workers on this machine's CPUs: Colocated vs PD vs PDAF (and Colocated with its
+layers split over two processes by tensor parallelism), tiny model.
 
 Each topology runs as `kleave workers up` would (one process per worker, plus the router) and
 gets the same load through the router's OpenAI streaming API: `concurrency` clients, each
@@ -9,7 +10,8 @@ same concurrency, measured in the same run.
 
 What it shows on a small CPU box: disaggregation pays off where prefill and decode contend for
 one GPU; here every process shares a few cores and the tiny model's compute is microseconds,
-so the extra hops (KV transfer, one activation round trip per layer in PDAF) are the cost.
+so the extra hops (KV transfer, one activation round trip per layer in PDAF, two all-reduces
+per layer in TP2) are the cost.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ import torch
 
 from kleave.workers.serve.local import LocalDataPlane
 
-TOPOLOGIES = {
-    "Colocated": {"decode": 1},
-    "PD": {"prefill": 1, "decode": 1},
-    "PDAF": {"prefill": 1, "attention": 1, "ffn": 1},
+# name -> (topology, workers per pool, every worker's extra arguments)
+SETUPS: dict[str, tuple[str, dict[str, int], tuple[str, ...]]] = {
+    "Colocated": ("Colocated", {"decode": 1}, ()),
+    "PD": ("PD", {"prefill": 1, "decode": 1}, ()),
+    "PDAF": ("PDAF", {"prefill": 1, "attention": 1, "ffn": 1}, ()),
+    "Colocated TP2": ("Colocated", {"decode": 1}, ("--tensor-parallel", "2")),
 }
 ISL = int(os.environ.get("KLEAVE_BENCH_ISL", "64"))
 OSL = int(os.environ.get("KLEAVE_BENCH_OSL", "64"))
@@ -167,23 +171,24 @@ def _table(runs: list[Run]) -> str:
 def main() -> str:
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="kleave-bench-workers-") as tmp:
-        for topology, counts in TOPOLOGIES.items():
-            if ONLY and topology not in ONLY:
+        for name, (topology, counts, worker_args) in SETUPS.items():
+            if ONLY and name not in ONLY:
                 continue
             plane = LocalDataPlane(
                 topology=topology,
-                state_dir=Path(tmp) / topology,
+                state_dir=Path(tmp) / name.replace(" ", "-"),
                 model=MODEL,
                 counts=counts,
                 kv_backend=KV_BACKEND,
                 device=DEVICE,
+                worker_args=worker_args,
             )
             plane.start()
             try:
-                runs += [_run(topology, c, plane.url) for c in CONCURRENCY]
+                runs += [_run(name, c, plane.url) for c in CONCURRENCY]
             finally:
                 plane.stop()
-    runs.sort(key=lambda r: (r.concurrency, list(TOPOLOGIES).index(r.topology)))
+    runs.sort(key=lambda r: (r.concurrency, list(SETUPS).index(r.topology)))
     return _table(runs)
 
 

@@ -514,7 +514,6 @@ async def plane(
                     kv_backend=kv_backend,
                     expert_parallel=ffn_expert_parallel if role == "ffn" else 1,
                     tensor_parallel=(tensor_parallel or {}).get(role, 1),
-                    torch_threads=1,
                 )
                 server: PrefillServer | DecodeServer | FFNWorker
                 if role == "prefill":

@@ -218,7 +218,6 @@ def serve(
         prefix_caching=prefix_caching,
         expert_parallel=expert_parallel,
         weights=weights,
-        torch_threads=torch_threads,
         device=device,
     )
     asyncio.run(run_worker(plan, options))

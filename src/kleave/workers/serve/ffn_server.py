@@ -133,7 +133,7 @@ class FFNWorker:
             seed=self.plan.seed,
             weights=str(self.options.weights) if self.options.weights else None,
             device=self.options.device,
-            torch_threads=self.options.torch_threads,
+            torch_threads=torch.get_num_threads(),  # what configure_torch gave this process
         )
         self._ranks = start_expert_ranks(args)
         log.info("expert parallel over %d ranks (pids %s)", world, [p.pid for p in self._ranks])

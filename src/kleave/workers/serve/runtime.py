@@ -51,7 +51,6 @@ class WorkerOptions:
     expert_parallel: int = 1  # ffn: ranks (processes, GPUs) the experts are split over
     tensor_parallel: int = 1  # ranks (processes, GPUs) every layer's heads and width are split over
     weights: Path | None = None
-    torch_threads: int | None = None
     device: str = "cpu"
 
 
@@ -109,7 +108,7 @@ def _start_tensor_parallel(
         seed=plan.seed,
         weights=str(options.weights) if options.weights is not None else None,
         device=options.device,
-        torch_threads=options.torch_threads,
+        torch_threads=torch.get_num_threads(),  # what configure_torch gave this process
         part=part,
         cache_blocks=cache_blocks(plan, options) if options.role in CACHE_ROLES else 0,
         block_size=options.block_size,

@@ -63,6 +63,10 @@ from kleave.workers.tensor_parallel import Shard, join_heads, split_heads
 log = logging.getLogger(__name__)
 
 HEADER_BYTES = 4096  # one broadcast carries a command this long; longer ones take a second
+COMMANDS = frozenset(
+    ("prefill", "attention_prefill", "attention_decode", "ffn", "decode_step", "write", "read")
+)  # and "stop", which ends a follower's loop
+ACTIVATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KVPair = tuple[torch.Tensor, torch.Tensor]
 OnLayer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -183,6 +187,8 @@ class ShardRunner:
         shard.reduce = group.all_reduce
 
     def run(self, command: dict[str, Any], inputs: dict[str, Any] | None = None) -> Any:
+        if command.get("op") not in COMMANDS:
+            raise ValueError(f"unknown tensor-parallel command {command.get('op')!r}")
         if not self.group.root and "tables" in command:
             self._adopt(command["tables"])
         op: Callable[[dict[str, Any], dict[str, Any]], Any] = getattr(self, f"_{command['op']}")
@@ -240,7 +246,7 @@ class ShardRunner:
             return self.group.broadcast(h.to(self.shard.device))
         buffer = torch.empty(
             (command["rows"], self.shard.config.hidden_size),
-            dtype=getattr(torch, command["dtype"]),
+            dtype=ACTIVATION_DTYPES[command["dtype"]],
             device=self.shard.device,
         )
         return self.group.broadcast(buffer)
@@ -301,9 +307,6 @@ class ShardRunner:
     def _read(self, command: dict[str, Any], _: dict[str, Any]) -> KVPair | None:
         k, v = PagedKVCache.read(self._cache(), command["seq_id"], command["layer"])
         return self._gather_kv(k, v)
-
-    def _stop(self, command: dict[str, Any], _: dict[str, Any]) -> None:
-        return None
 
     def follow(self) -> None:
         """Ranks 1..N-1: run rank 0's commands until it says stop (or its group breaks).
