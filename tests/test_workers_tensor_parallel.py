@@ -284,6 +284,34 @@ def test_an_idle_group_keeps_its_ranks_past_the_op_timeout(
         tp.prefill(torch.tensor([1, 2]))
 
 
+def test_what_fails_only_its_request_leaves_the_group_in_step(
+    reference: list[list[int]],
+) -> None:
+    """A KV sender failing mid-prefill (its decode worker went away) is rank 0's alone: the
+    command still runs to its end on every rank, the error reaches the caller, and the next
+    request is exact. Input only rank 0 holds is checked before any rank starts."""
+    tp = start_tensor_parallel(rank_args(cache_blocks=16))
+    try:
+        calls: list[int] = []
+
+        def sender_gone(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            calls.append(layer)
+            raise ConnectionResetError("decode peer went away")
+
+        with pytest.raises(ConnectionResetError, match="went away"):
+            tp.prefill(torch.tensor(PROMPTS[2]), on_layer=sender_gone)
+        assert calls == [0]  # not called again once it failed
+        bad_past = [(torch.zeros(3, 1, 16), torch.zeros(3, 1, 16))] * CONFIG.num_layers
+        with pytest.raises(ValueError, match=r"K/V must be \[3, 2, 16\]"):
+            tp.prefill(torch.tensor([1, 2]), bad_past)
+        with pytest.raises(ValueError, match="activations must be"):
+            tp.ffn(0, torch.zeros(2, 3))
+        assert tp.failure is None
+        assert greedy_on(tp, PROMPTS[2], 24) == reference[2]
+    finally:
+        tp.close()
+
+
 def test_a_rank_that_never_joins_fails_the_start_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """A child rank that dies while the group forms (here: its Python cannot start) fails
     rank 0's start with the rank named, not after the rendezvous's ten minutes."""

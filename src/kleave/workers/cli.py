@@ -236,6 +236,11 @@ def _check_device(device: str, ranks: int) -> None:
             f"built for CUDA {torch.version.cuda}); a GPU pool's pods need nvidia.com/gpu and "
             "the NVIDIA container runtime, or run the worker with --device cpu"
         )
+    if device != "cuda" and ranks > 1:
+        raise _Failure(
+            f"--device {device} with {ranks} ranks: they need a GPU each; use --device cuda "
+            "(rank r runs on cuda:r)"
+        )
     visible = torch.cuda.device_count()
     if device == "cuda" and ranks > visible:
         raise _Failure(

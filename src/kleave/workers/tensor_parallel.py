@@ -112,8 +112,9 @@ def shard_tensor(name: str, full: torch.Tensor, shard: Shard) -> torch.Tensor:
     if split is None or shard.world == 1:
         return full
     dim, gate_up = split
-    if not gate_up:
-        return full.chunk(shard.world, dim=dim)[shard.rank].contiguous()
+    if not gate_up:  # a copy: a view would keep the whole parameter alive while loading
+        part = full.chunk(shard.world, dim=dim)[shard.rank]
+        return part.clone(memory_format=torch.contiguous_format)
     gate, up = full.chunk(2, dim=dim)
     return torch.cat(
         (gate.chunk(shard.world, dim=dim)[shard.rank], up.chunk(shard.world, dim=dim)[shard.rank]),

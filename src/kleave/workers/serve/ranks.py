@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -91,10 +92,12 @@ def exited(children: list[subprocess.Popen[bytes]]) -> str | None:
 
 
 def reap(children: list[subprocess.Popen[bytes]], timeout_s: float = 10.0) -> None:
-    """Wait for the child ranks to stop (told to, or their group closed); kill stragglers."""
+    """Wait for the child ranks to stop (told to, or their group closed), all of them within
+    one ``timeout_s``; kill the stragglers."""
+    deadline = time.monotonic() + timeout_s
     for child in children:
         try:
-            child.wait(timeout=timeout_s)
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()

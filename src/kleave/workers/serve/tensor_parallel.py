@@ -19,12 +19,16 @@ tensor-parallel sizes. The other ranks' caches are followers: they take no block
 but adopt rank 0's block tables, sent with each command that touches the cache (only what
 changed since the last one).
 
-Failures: a rank that dies closes its sockets, so the next collective fails on every rank.
+Failures: the ranks stay in step or the group is finished. A rank that dies closes its
+sockets, so the next collective fails on every rank; a command that fails part way on rank 0
+may leave the others inside a collective, and one that fails on another rank ends that rank.
 Rank 0 then reports the group broken (``failure``): requests fail with the reason, ``/readyz``
 and ``/healthz`` say it, and Kubernetes restarts the pod (a group cannot take a rank back).
-A call that fails the same way on every rank (a cache refusing a write) fails only its
-request. The other ranks exit when rank 0 does. On GPUs a collective that stalls past the
-op timeout is NCCL's watchdog's to end (by default it stops the process).
+What can fail on rank 0 alone is checked before a command is sent (a refused cache write, K/V
+or activation shapes), or, for a prefill's KV sender, raised after the command ends on every
+rank: those fail only their request. The other ranks exit when rank 0 does. On GPUs a
+collective that stalls past the op timeout is NCCL's watchdog's to end (by default it stops
+the process).
 """
 
 from __future__ import annotations
@@ -84,7 +88,10 @@ def _gloo(store: Any, rank: int, world: int, timeout: timedelta) -> Any:
 
 class TPGroup:
     """One rank's two groups: control (commands, gloo, waits a week for the next one) and
-    data (the tensors of a call: gloo or NCCL, each collective bounded by ``op_timeout``)."""
+    data (the tensors of a call: gloo or NCCL, each collective bounded by ``op_timeout``).
+
+    Gloo forms a group within its default timeout, so both are built with ``FORM_TIMEOUT``
+    and every collective passes its own timeout."""
 
     def __init__(
         self, store: Any, rank: int, world: int, device: torch.device, op_timeout: timedelta
@@ -92,7 +99,8 @@ class TPGroup:
         self.rank = rank
         self.world = world
         self.device = device
-        self._control: Any = _gloo(PrefixStore("control", store), rank, world, CONTROL_TIMEOUT)
+        self.op_timeout = op_timeout
+        self._control: Any = _gloo(PrefixStore("control", store), rank, world, FORM_TIMEOUT)
         data_store = PrefixStore("data", store)
         if device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
@@ -100,7 +108,7 @@ class TPGroup:
             with torch.cuda.device(device):
                 self._data: Any = dist.ProcessGroupNCCL(data_store, rank, world, options)
         else:
-            self._data = _gloo(data_store, rank, world, op_timeout)
+            self._data = _gloo(data_store, rank, world, FORM_TIMEOUT)
 
     @property
     def root(self) -> bool:
@@ -120,20 +128,21 @@ class TPGroup:
         header[:8] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
         head = payload[: HEADER_BYTES - 8]
         header[8 : 8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        self._wait(self._control.broadcast(header, 0), "sending a command")
+        self._wait(self._control.broadcast(header, 0, self.op_timeout), "sending a command")
         rest = payload[HEADER_BYTES - 8 :]
         if rest:
             tail = torch.frombuffer(bytearray(rest), dtype=torch.uint8)
-            self._wait(self._control.broadcast(tail, 0), "sending a command")
+            self._wait(self._control.broadcast(tail, 0, self.op_timeout), "sending a command")
 
     def receive(self) -> dict[str, Any]:
         header = torch.empty(HEADER_BYTES, dtype=torch.uint8)
-        self._wait(self._control.broadcast(header, 0), "waiting for rank 0's next command")
+        waiting = self._control.broadcast(header, 0, CONTROL_TIMEOUT)  # an idle worker is fine
+        self._wait(waiting, "waiting for rank 0's next command")
         size = int(header[:8].view(torch.int64)[0])
         payload = header[8 : 8 + min(size, HEADER_BYTES - 8)].numpy().tobytes()
         if size > HEADER_BYTES - 8:
             tail = torch.empty(size - (HEADER_BYTES - 8), dtype=torch.uint8)
-            self._wait(self._control.broadcast(tail, 0), "receiving a command")
+            self._wait(self._control.broadcast(tail, 0, self.op_timeout), "receiving a command")
             payload += tail.numpy().tobytes()
         command: dict[str, Any] = json.loads(payload)
         return command
@@ -142,31 +151,28 @@ class TPGroup:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place (the model's ``reduce``)."""
         tensor = tensor.contiguous()
-        self._wait(self._data.allreduce([tensor]), "all-reduce")
+        work = self._data.allreduce([tensor], dist.ReduceOp.SUM, self.op_timeout)
+        self._wait(work, "all-reduce")
         return tensor
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``tensor`` on every rank (the others pass a buffer of its shape)."""
         tensor = tensor.contiguous()
-        self._wait(self._data.broadcast(tensor, 0), "broadcast")
+        self._wait(self._data.broadcast(tensor, 0, self.op_timeout), "broadcast")
         return tensor
 
     def scatter(self, out: torch.Tensor, parts: list[torch.Tensor] | None) -> torch.Tensor:
         """Rank r gets rank 0's ``parts[r]`` in ``out``."""
-        options = dist.ScatterOptions()
-        options.rootRank = 0
-        inputs = [parts] if self.root and parts is not None else []
-        self._wait(self._data.scatter([out], inputs, options), "scatter")
+        inputs = parts if self.root and parts is not None else []
+        self._wait(self._data.scatter(out, inputs, 0, self.op_timeout), "scatter")
         return out
 
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's ``tensor``, in rank order, on rank 0 (None elsewhere)."""
         tensor = tensor.contiguous()
-        outputs = [[torch.empty_like(tensor) for _ in range(self.world)]] if self.root else []
-        options = dist.GatherOptions()
-        options.rootRank = 0
-        self._wait(self._data.gather(outputs, [tensor], options), "gather")
-        return outputs[0] if self.root else None
+        outputs = [torch.empty_like(tensor) for _ in range(self.world)] if self.root else []
+        self._wait(self._data.gather(outputs, tensor, 0, self.op_timeout), "gather")
+        return outputs if self.root else None
 
     def close(self) -> None:
         for group in (self._data, self._control):
@@ -257,16 +263,21 @@ class ShardRunner:
         past = self._scatter_past(command, inputs.get("past"))
         on_layer: OnLayer | None = inputs.get("on_layer")
         whole_kv: list[KVPair] = []
+        failed: list[Exception] = []
 
         def gather(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             whole = self._gather_kv(k, v)
-            if whole is not None:
-                whole_kv.append(whole)
-                if on_layer is not None:
+            if whole is None:
+                return
+            whole_kv.append(whole)
+            if on_layer is not None and not failed:
+                try:  # rank 0's alone (a KV sender): the other ranks go on, so must this one
                     on_layer(layer, *whole)
+                except Exception as error:
+                    failed.append(error)
 
         logits, _ = self.shard.prefill(tokens, past, on_layer=gather)
-        return logits, whole_kv
+        return logits, whole_kv, failed[0] if failed else None
 
     def _attention_prefill(self, command: dict[str, Any], inputs: dict[str, Any]) -> Any:
         h = self._h(command, inputs.get("h"))
@@ -311,19 +322,14 @@ class ShardRunner:
     def follow(self) -> None:
         """Ranks 1..N-1: run rank 0's commands until it says stop (or its group breaks).
 
-        A command that fails here fails on rank 0 too (the same shard code on the same
-        state, before any collective), so this rank logs it and waits for the next one."""
+        Any error ends this rank: a command that failed part way leaves the ranks' collectives
+        out of step, and only a new group (the worker restarted) puts them back in step."""
         while True:
             command = self.group.receive()
             if command["op"] == "stop":
                 return
-            try:
-                with torch.inference_mode():
-                    self.run(command)
-            except TensorParallelError:
-                raise
-            except Exception as error:
-                log.warning("command %s failed here as on rank 0: %s", command["op"], error)
+            with torch.inference_mode():
+                self.run(command)
 
 
 class TensorParallelCache(PagedKVCache):
@@ -455,11 +461,45 @@ class TensorParallelDecoder:
             except TensorParallelError as error:
                 self._failure = f"{error}; restart the worker"
                 raise
+            except Exception as error:
+                # Part way through a command the other ranks may be in a collective this
+                # rank left: the group is out of step for good.
+                self._failure = (
+                    f"tensor-parallel {command['op']} failed on rank 0 part way: {error}; "
+                    "restart the worker"
+                )
+                raise TensorParallelError(self._failure) from error
 
     def _tp_cache(self, cache: PagedKVCache) -> TensorParallelCache:
         if cache is not self.cache or self.cache is None:
             raise ValueError("a tensor-parallel model runs over the cache it was built with")
         return self.cache
+
+    # ----- what only rank 0 holds is checked before a command, since a mistake found part way
+    # would leave the other ranks waiting in a collective this rank never joins -------------
+    def _kv_length(self, pairs: list[KVPair], layers: int) -> int:
+        """The length of whole-model K/V pairs (one per layer) rank 0 is about to scatter."""
+        want = (self.config.num_kv_heads, self.config.head_dim)
+        if len(pairs) != layers:
+            raise ValueError(f"expected K/V of {layers} layer(s), got {len(pairs)}")
+        length = int(pairs[0][0].shape[0])
+        for k, v in pairs:
+            if tuple(k.shape) != (length, *want) or k.shape != v.shape:
+                raise ValueError(
+                    f"K/V must be [{length}, {want[0]}, {want[1]}] in every layer, got "
+                    f"{tuple(k.shape)} and {tuple(v.shape)}"
+                )
+        return length
+
+    def _activations(self, h: torch.Tensor) -> dict[str, Any]:
+        """How the other ranks size their buffer for ``h`` ``[rows, hidden]``."""
+        dtype = _dtype_name(h.dtype)
+        if h.dim() != 2 or h.shape[1] != self.config.hidden_size or dtype not in ACTIVATION_DTYPES:
+            raise ValueError(
+                f"activations must be [rows, {self.config.hidden_size}] in one of "
+                f"{', '.join(ACTIVATION_DTYPES)}, got {tuple(h.shape)} {dtype}"
+            )
+        return {"rows": int(h.shape[0]), "dtype": dtype}
 
     # ----- replicated pieces: rank 0 alone ---------------------------------------------------
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -478,12 +518,17 @@ class TensorParallelDecoder:
         past: list[KVPair] | None = None,
         on_layer: OnLayer | None = None,
     ) -> tuple[torch.Tensor, list[KVPair]]:
+        past_len = None
+        if past is not None:
+            past_len = self._kv_length(past, self.config.num_layers)
         command = {
             "op": "prefill",
             "tokens": [int(t) for t in tokens.tolist()],
-            "past_len": None if past is None else int(past[0][0].shape[0]),
+            "past_len": past_len,
         }
-        logits, kv = self._call(command, {"past": past, "on_layer": on_layer})
+        logits, kv, failed = self._call(command, {"past": past, "on_layer": on_layer})
+        if failed is not None:  # the command finished on every rank; only its consumer failed
+            raise failed
         return logits, kv
 
     def attention_prefill(
@@ -496,10 +541,9 @@ class TensorParallelDecoder:
         command = {
             "op": "attention_prefill",
             "layer": layer,
-            "rows": int(h.shape[0]),
-            "dtype": _dtype_name(h.dtype),
+            **self._activations(h),
             "positions": [int(p) for p in positions.tolist()],
-            "past_len": None if past is None else int(past[0].shape[0]),
+            "past_len": None if past is None else self._kv_length([past], 1),
         }
         out, k, v = self._call(command, {"h": h, "past": past})
         return out, k, v
@@ -518,8 +562,7 @@ class TensorParallelDecoder:
         command = {
             "op": "attention_decode",
             "layer": layer,
-            "rows": int(h.shape[0]),
-            "dtype": _dtype_name(h.dtype),
+            **self._activations(h),
             "positions": where,
             "seq_ids": seq_ids,
             "tables": tp_cache.sync(seq_ids),
@@ -535,8 +578,7 @@ class TensorParallelDecoder:
         command = {
             "op": "ffn",
             "layer": layer,
-            "rows": int(h.shape[0]),
-            "dtype": _dtype_name(h.dtype),
+            **self._activations(h),
         }
         out: torch.Tensor = self._call(command, {"h": h})
         return out
@@ -591,13 +633,17 @@ class TensorParallelDecoder:
         return whole
 
     def close(self) -> None:
-        """Stop the other ranks (told, or by closing the group) and reap them."""
+        """Stop the other ranks (told to, or their group closed under them) and reap them."""
         with self._lock:
+            told = False
             if self._failure is None and exited(self.children) is None:
                 try:
                     self.group.send({"op": "stop"})
+                    told = True
                 except TensorParallelError as error:
                     log.warning("could not tell the other ranks to stop: %s", error)
+            if not told:
+                self.group.close()  # their wait for the next command fails now
             reap(self.children)
             self.group.close()
             self._store = None
