@@ -23,7 +23,6 @@ layer call, which the attention worker reports (it retries once on another FFN w
 
 from __future__ import annotations
 
-import argparse
 import logging
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from kleave.workers.serve.ranks import (
     RankArgs,
     backend_for,
     rank_device,
+    run_rank,
     start_ranks,
 )
 from kleave.workers.transport.ep import DistributedEPGroup, EPBuffer
@@ -180,23 +180,18 @@ def build_rank(args: RankArgs) -> ExpertParallelFFN:
     return ExpertParallelFFN(model, args.rank, args.world, groups)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="one expert-parallel rank of an FFN worker")
-    parser.add_argument("args", help="RankArgs as JSON")
-    args = RankArgs.from_json(parser.parse_args(argv).args)
-    logging.basicConfig(level=logging.INFO, format=f"ep rank {args.rank}: %(message)s")
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+def follow(args: RankArgs) -> None:
+    """Ranks 1..N-1: hold the slice of the experts, serve rank 0's layer calls until it stops."""
     try:
         with torch.inference_mode():
             build_rank(args).serve()
-    except Exception as error:  # rank 0 went away, or a collective failed
-        log.error("stopping: %s", str(error).splitlines()[0] if str(error) else repr(error))
-        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_rank(argv, "ep", follow)
 
 
 if __name__ == "__main__":

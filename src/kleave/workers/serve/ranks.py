@@ -13,14 +13,19 @@ that stalls mid-call fails it instead of hanging the worker.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = datetime.timedelta(days=7)
 FORM_TIMEOUT = datetime.timedelta(minutes=10)  # the ranks import torch and load their shards
@@ -80,6 +85,27 @@ def start_ranks(module: str, args: RankArgs) -> list[subprocess.Popen[bytes]]:
         )
         for rank in range(1, args.world)
     ]
+
+
+def run_rank(argv: list[str] | None, kind: str, body: Callable[[RankArgs], None]) -> int:
+    """A child rank's ``main``: its arguments, logs prefixed with ``kind rank r``, its torch
+    threads, then ``body`` until rank 0 stops it (0) or its group breaks (1, said why)."""
+    parser = argparse.ArgumentParser(description=f"one {kind} rank of a kleave worker")
+    parser.add_argument("args", help="RankArgs as JSON")
+    args = RankArgs.from_json(parser.parse_args(argv).args)
+    logging.basicConfig(level=logging.INFO, format=f"{kind} rank {args.rank}: %(message)s")
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    started = time.monotonic()
+    try:
+        body(args)
+    except Exception as error:  # rank 0 went away, or a collective failed
+        message = str(error).splitlines()[0] if str(error) else repr(error)
+        log.error("stopping after %.0f s: %s", time.monotonic() - started, message)
+        return 1
+    return 0
 
 
 def exited(children: list[subprocess.Popen[bytes]]) -> str | None:

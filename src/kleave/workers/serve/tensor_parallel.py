@@ -33,14 +33,12 @@ the process).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -60,6 +58,7 @@ from kleave.workers.serve.ranks import (
     exited,
     rank_device,
     reap,
+    run_rank,
     start_ranks,
 )
 from kleave.workers.tensor_parallel import Shard, join_heads, split_heads
@@ -470,10 +469,16 @@ class TensorParallelDecoder:
                 )
                 raise TensorParallelError(self._failure) from error
 
-    def _tp_cache(self, cache: PagedKVCache) -> TensorParallelCache:
+    def _decoding(
+        self, cache: PagedKVCache, positions: torch.Tensor, seq_ids: list[int]
+    ) -> dict[str, Any]:
+        """A decode command's cache part: each sequence's slot for its new token taken here
+        first, then the tables the other ranks need."""
         if cache is not self.cache or self.cache is None:
             raise ValueError("a tensor-parallel model runs over the cache it was built with")
-        return self.cache
+        where = [int(p) for p in positions.tolist()]
+        self.cache.ensure(seq_ids, [p + 1 for p in where])
+        return {"positions": where, "seq_ids": seq_ids, "tables": self.cache.sync(seq_ids)}
 
     # ----- what only rank 0 holds is checked before a command, since a mistake found part way
     # would leave the other ranks waiting in a collective this rank never joins -------------
@@ -556,16 +561,11 @@ class TensorParallelDecoder:
         cache: PagedKVCache,
         seq_ids: list[int],
     ) -> torch.Tensor:
-        tp_cache = self._tp_cache(cache)
-        where = [int(p) for p in positions.tolist()]
-        tp_cache.ensure(seq_ids, [p + 1 for p in where])
         command = {
             "op": "attention_decode",
             "layer": layer,
             **self._activations(h),
-            "positions": where,
-            "seq_ids": seq_ids,
-            "tables": tp_cache.sync(seq_ids),
+            **self._decoding(cache, positions, seq_ids),
         }
         out: torch.Tensor = self._call(command, {"h": h})
         return out
@@ -590,15 +590,10 @@ class TensorParallelDecoder:
         cache: PagedKVCache,
         seq_ids: list[int],
     ) -> torch.Tensor:
-        tp_cache = self._tp_cache(cache)
-        where = [int(p) for p in positions.tolist()]
-        tp_cache.ensure(seq_ids, [p + 1 for p in where])
         command = {
             "op": "decode_step",
             "tokens": [int(t) for t in tokens.tolist()],
-            "positions": where,
-            "seq_ids": seq_ids,
-            "tables": tp_cache.sync(seq_ids),
+            **self._decoding(cache, positions, seq_ids),
         }
         logits: torch.Tensor = self._call(command)
         return logits
@@ -761,20 +756,7 @@ def follow(args: RankArgs) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="one tensor-parallel rank of a worker")
-    parser.add_argument("args", help="RankArgs as JSON")
-    args = RankArgs.from_json(parser.parse_args(argv).args)
-    logging.basicConfig(level=logging.INFO, format=f"tp rank {args.rank}: %(message)s")
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    started = time.monotonic()
-    try:
-        follow(args)
-    except Exception as error:  # rank 0 went away, or a collective failed
-        message = str(error).splitlines()[0] if str(error) else repr(error)
-        log.error("stopping after %.0f s: %s", time.monotonic() - started, message)
-        return 1
-    return 0
+    return run_rank(argv, "tp", follow)
 
 
 if __name__ == "__main__":
