@@ -447,3 +447,18 @@ def test_serve_refuses_what_its_ranks_could_not_run_naming_the_setting(tmp_path:
 def test_serve_on_a_gpu_it_cannot_see_fails_at_once_saying_why(tmp_path: Path) -> None:
     output = serve_refusal(tmp_path, "--device", "cuda", "--tensor-parallel", "2")
     assert "--device cuda: this process sees no CUDA device" in output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs"
+)
+def test_two_gpus_over_nccl_give_the_whole_models_tokens() -> None:
+    """The NCCL path: rank r on cuda:r; the reference is the whole model on cuda:0."""
+    whole = MoEDecoder(CONFIG, seed=0, device="cuda:0")
+    expected = [generate_greedy(whole, prompt, 24) for prompt in PROMPTS]
+    tp = start_tensor_parallel(rank_args(device="cuda", cache_blocks=16))
+    try:
+        assert [greedy_on(tp, prompt, 24) for prompt in PROMPTS] == expected
+    finally:
+        tp.close()

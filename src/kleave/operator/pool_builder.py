@@ -1,8 +1,10 @@
 """Pure builders: an InferencePool at one plan revision -> its workload and Service.
 
 Prefill, decode and attention pools run as Deployments: their replicas are interchangeable.
-FFN pools run as StatefulSets: each replica is an expert-parallel rank that owns a fixed shard
-of the experts, so it needs a stable identity (``<workload>-N``, rank N) and DNS name.
+FFN pools run as StatefulSets, so each replica has a stable identity (``<workload>-N``) and DNS
+name and replicas are replaced one at a time: the layout for expert-parallel ranks spread over
+replicas. kleave's own workers do not spread ranks over replicas yet: each builtin FFN replica
+is a whole FFN worker, its experts split over its own GPUs (``parallelism.expert``).
 """
 
 from __future__ import annotations
