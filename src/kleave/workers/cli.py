@@ -159,12 +159,7 @@ def serve(
     _logging(log_level)
     from kleave.workers.serve.plan import PlanError, load_plan
 
-    if tensor_parallel > 1 and expert_parallel > 1:
-        raise _Failure(
-            f"--tensor-parallel {tensor_parallel} with --expert-parallel {expert_parallel}: a "
-            "worker splits its FFN one way, by width or by experts; set one of the pool's "
-            "parallelism.tensor and parallelism.expert to 1"
-        )
+    _check_one_ffn_split(tensor_parallel, expert_parallel)
     if expert_parallel > 1 and role != "ffn":
         raise _Failure(
             f"--expert-parallel > 1 splits the experts of an ffn worker (PDAF); the {role} "
@@ -221,6 +216,15 @@ def serve(
         device=device,
     )
     asyncio.run(run_worker(plan, options))
+
+
+def _check_one_ffn_split(tensor_parallel: int, expert_parallel: int) -> None:
+    if tensor_parallel > 1 and expert_parallel > 1:
+        raise _Failure(
+            f"--tensor-parallel {tensor_parallel} with --expert-parallel {expert_parallel}: a "
+            "worker splits its FFN one way, by width or by experts; set one of the pool's "
+            "parallelism.tensor and parallelism.expert to 1"
+        )
 
 
 def _check_device(device: str, ranks: int) -> None:
@@ -383,11 +387,7 @@ def up(
     from kleave.workers.serve.local import LocalDataPlane, LocalStartError
     from kleave.workers.serve.plan import PlanError
 
-    if tensor_parallel > 1 and ffn_expert_parallel > 1:
-        raise _Failure(
-            "--tensor-parallel and --ffn-expert-parallel both above 1: an FFN worker splits "
-            "its FFN one way, by width or by experts"
-        )
+    _check_one_ffn_split(tensor_parallel, ffn_expert_parallel)
     worker_args = ["--tensor-parallel", str(tensor_parallel)]
     if kv_blocks:
         worker_args += ["--kv-blocks", str(kv_blocks)]

@@ -535,6 +535,33 @@ class MoEDecoder(nn.Module):
         return self.logits(h)
 
 
+class WeightsConfigError(ValueError):
+    """A weights file whose embedded config is not the model the worker serves."""
+
+
+def load_decoder(
+    config: ModelConfig,
+    *,
+    seed: int,
+    weights: str | Path | None,
+    device: str | torch.device,
+    part: ModelPart = "all",
+    shard: Shard = WHOLE,
+    serves: str = "the worker serves",
+) -> MoEDecoder:
+    """What every worker process holds of the model: read from ``weights`` (which must hold
+    ``config``; ``serves`` says who wants it in the error), else drawn from ``seed``."""
+    if weights is None:
+        return MoEDecoder(config, seed=seed, device=device, part=part, shard=shard)
+    model = MoEDecoder.from_safetensors(weights, device=device, part=part, shard=shard)
+    if model.config != config:
+        raise WeightsConfigError(
+            f"--weights {weights} holds model config {model.config.to_dict()}, but {serves} "
+            f"{config.to_dict()}"
+        )
+    return model
+
+
 def generate_greedy(
     model: MoEDecoder,
     prompt: list[int],

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ import torch.distributed as dist
 
 from kleave.workers.config import ModelConfig
 from kleave.workers.kernels import fused_moe
-from kleave.workers.model import MoEDecoder, _MoEFFN
+from kleave.workers.model import MoEDecoder, _MoEFFN, load_decoder
 from kleave.workers.serve.ranks import (
     CONTROL_TIMEOUT,
     FORM_TIMEOUT,
@@ -171,10 +170,7 @@ def build_rank(args: RankArgs) -> ExpertParallelFFN:
     config = ModelConfig.from_dict(args.config)
     check_expert_parallel(config, args.world)
     device = rank_device(args.device, args.rank)
-    if args.weights is None:
-        model = MoEDecoder(config, seed=args.seed, device=device, part="ffn")
-    else:
-        model = MoEDecoder.from_safetensors(Path(args.weights), device=device, part="ffn")
+    model = load_decoder(config, seed=args.seed, weights=args.weights, device=device, part="ffn")
     keep_expert_shard(model, args.rank, args.world)
     groups = init_world(args, device)
     return ExpertParallelFFN(model, args.rank, args.world, groups)

@@ -33,13 +33,14 @@ from kleave.workers.serve.ep_ffn import (
 from kleave.workers.serve.http import add_health_routes, errors_middleware
 from kleave.workers.serve.metrics import TRANSFER_BUCKETS
 from kleave.workers.serve.plan import ServingPlan
-from kleave.workers.serve.ranks import RankArgs, reap
+from kleave.workers.serve.ranks import reap
 from kleave.workers.serve.runtime import (
     WorkerOptions,
     build_model,
     close_model,
     model_failure,
     plan_info,
+    rank_args,
 )
 from kleave.workers.transport.af import FFNServer as ActivationServer
 
@@ -125,16 +126,7 @@ class FFNWorker:
     async def _start_expert_parallel(self) -> ExpertParallelFFN:
         world = self.options.expert_parallel
         check_expert_parallel(self.plan.config, world)
-        args = RankArgs(
-            rank=0,
-            world=world,
-            port=free_ports(1)[0],
-            config=self.plan.config.to_dict(),
-            seed=self.plan.seed,
-            weights=str(self.options.weights) if self.options.weights else None,
-            device=self.options.device,
-            torch_threads=torch.get_num_threads(),  # what configure_torch gave this process
-        )
+        args = rank_args(self.plan, self.options, world=world, port=free_ports(1)[0])
         self._ranks = start_expert_ranks(args)
         log.info("expert parallel over %d ranks (pids %s)", world, [p.pid for p in self._ranks])
         return await asyncio.to_thread(build_rank, args)

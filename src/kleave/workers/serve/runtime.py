@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kleave.workers.kv_cache import PagedKVCache
-from kleave.workers.model import Decoder, ModelPart, MoEDecoder
+from kleave.workers.model import Decoder, ModelPart, WeightsConfigError, load_decoder
 from kleave.workers.serve.plan import PlanError, ServingPlan
 from kleave.workers.serve.ranks import RankArgs
 from kleave.workers.serve.tensor_parallel import TensorParallelDecoder, start_tensor_parallel
@@ -82,15 +82,17 @@ def build_model(plan: ServingPlan, options: WorkerOptions) -> Decoder:
     part = model_part(options.role)
     if options.tensor_parallel > 1:
         return _start_tensor_parallel(plan, options, part)
-    if options.weights is None:
-        return MoEDecoder(plan.config, seed=plan.seed, device=options.device, part=part)
-    model = MoEDecoder.from_safetensors(options.weights, device=options.device, part=part)
-    if model.config != plan.config:
-        raise PlanError(
-            f"--weights {options.weights} holds model config {model.config.to_dict()}, but "
-            f"{plan.source} serves {plan.preset} {plan.config.to_dict()}"
+    try:
+        return load_decoder(
+            plan.config,
+            seed=plan.seed,
+            weights=options.weights,
+            device=options.device,
+            part=part,
+            serves=f"{plan.source} serves {plan.preset}",
         )
-    return model
+    except WeightsConfigError as error:
+        raise PlanError(str(error)) from None
 
 
 def _start_tensor_parallel(
@@ -100,20 +102,33 @@ def _start_tensor_parallel(
         check_tensor_parallel(plan.config, options.tensor_parallel)
     except ValueError as error:
         raise PlanError(f"{plan.preset}: {error}") from None
-    args = RankArgs(
-        rank=0,
+    args = rank_args(
+        plan,
+        options,
         world=options.tensor_parallel,
-        port=0,
-        config=plan.config.to_dict(),
-        seed=plan.seed,
-        weights=str(options.weights) if options.weights is not None else None,
-        device=options.device,
-        torch_threads=torch.get_num_threads(),  # what configure_torch gave this process
+        port=0,  # rank 0 hosts the rendezvous on a port it picks
         part=part,
         cache_blocks=cache_blocks(plan, options) if options.role in CACHE_ROLES else 0,
         block_size=options.block_size,
     )
     return start_tensor_parallel(args)
+
+
+def rank_args(
+    plan: ServingPlan, options: WorkerOptions, *, world: int, port: int, **more: Any
+) -> RankArgs:
+    """Rank 0's arguments for a group of ``world`` processes holding the plan's model."""
+    return RankArgs(
+        rank=0,
+        world=world,
+        port=port,
+        config=plan.config.to_dict(),
+        seed=plan.seed,
+        weights=str(options.weights) if options.weights is not None else None,
+        device=options.device,
+        torch_threads=torch.get_num_threads(),  # what configure_torch gave this process
+        **more,
+    )
 
 
 def model_failure(model: Decoder | None) -> str | None:

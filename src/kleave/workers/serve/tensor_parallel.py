@@ -50,7 +50,7 @@ from torch.distributed import PrefixStore, TCPStore  # type: ignore[attr-defined
 
 from kleave.workers.config import ModelConfig
 from kleave.workers.kv_cache import PagedKVCache
-from kleave.workers.model import ModelPart, MoEDecoder, RoutedExperts
+from kleave.workers.model import ModelPart, MoEDecoder, RoutedExperts, load_decoder
 from kleave.workers.serve.ranks import (
     CONTROL_TIMEOUT,
     FORM_TIMEOUT,
@@ -62,9 +62,11 @@ from kleave.workers.serve.ranks import (
     start_ranks,
 )
 from kleave.workers.tensor_parallel import Shard, join_heads, split_heads
+from kleave.workers.transport.process_groups import gloo_group, nccl_group
 
 log = logging.getLogger(__name__)
 
+LOOPBACK = "127.0.0.1"  # every rank of a worker is in its pod
 HEADER_BYTES = 4096  # one broadcast carries a command this long; longer ones take a second
 COMMANDS = frozenset(
     ("prefill", "attention_prefill", "attention_decode", "ffn", "decode_step", "write", "read")
@@ -76,13 +78,6 @@ OnLayer = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 class TensorParallelError(RuntimeError):
     """The group is broken (a rank died or stalled): the worker cannot serve until restarted."""
-
-
-def _gloo(store: Any, rank: int, world: int, timeout: timedelta) -> Any:
-    options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-    options._timeout = timeout
-    options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    return dist.ProcessGroupGloo(store, rank, world, options)
 
 
 class TPGroup:
@@ -97,17 +92,15 @@ class TPGroup:
     ) -> None:
         self.rank = rank
         self.world = world
-        self.device = device
         self.op_timeout = op_timeout
-        self._control: Any = _gloo(PrefixStore("control", store), rank, world, FORM_TIMEOUT)
-        data_store = PrefixStore("data", store)
+        self._control: Any = gloo_group(
+            PrefixStore("control", store), rank, world, timeout=FORM_TIMEOUT, host=LOOPBACK
+        )
+        data = PrefixStore("data", store)
         if device.type == "cuda":
-            options = dist.ProcessGroupNCCL.Options()
-            options._timeout = op_timeout
-            with torch.cuda.device(device):
-                self._data: Any = dist.ProcessGroupNCCL(data_store, rank, world, options)
+            self._data: Any = nccl_group(data, rank, world, timeout=op_timeout, device=device)
         else:
-            self._data = _gloo(data_store, rank, world, FORM_TIMEOUT)
+            self._data = gloo_group(data, rank, world, timeout=FORM_TIMEOUT, host=LOOPBACK)
 
     @property
     def root(self) -> bool:
@@ -609,8 +602,8 @@ class TensorParallelDecoder:
                 f"k and v must both be [T, {want[0]}, {want[1]}], "
                 f"got {tuple(k.shape)} and {tuple(v.shape)}"
             )
-        mine = self.group.rank
-        own_k, own_v = split_heads(k, self.world)[mine], split_heads(v, self.world)[mine]
+        mine = self.group.rank  # this rank's heads, a view (the scatter splits them all)
+        own_k, own_v = k.chunk(self.world, dim=-2)[mine], v.chunk(self.world, dim=-2)[mine]
         PagedKVCache.write(cache, seq_id, layer, start, own_k, own_v)  # validates, allocates
         command = {
             "op": "write",
@@ -653,18 +646,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # ----- building a group ------------------------------------------------------------------------
 def load_shard(args: RankArgs, device: str) -> MoEDecoder:
     """This rank's shard of the model: from ``args.weights``, else drawn from the seed."""
-    config = ModelConfig.from_dict(args.config)
-    shard = Shard(args.rank, args.world)
-    part: ModelPart = args.part  # type: ignore[assignment]
-    if args.weights is None:
-        return MoEDecoder(config, seed=args.seed, device=device, part=part, shard=shard)
-    model = MoEDecoder.from_safetensors(args.weights, device=device, part=part, shard=shard)
-    if model.config != config:
-        raise ValueError(
-            f"{args.weights} holds model config {model.config.to_dict()}, but the worker "
-            f"serves {config.to_dict()}"
-        )
-    return model
+    return load_decoder(
+        ModelConfig.from_dict(args.config),
+        seed=args.seed,
+        weights=args.weights,
+        device=device,
+        part=args.part,  # type: ignore[arg-type]
+        shard=Shard(args.rank, args.world),
+    )
 
 
 def _form_group(
@@ -704,15 +693,13 @@ def start_tensor_parallel(args: RankArgs) -> TensorParallelDecoder:
     group. Blocks until every rank joined (or one exited, or ``FORM_TIMEOUT``)."""
     device = rank_device(args.device, 0)
     # The listening store is held here only: dropping it stops the rendezvous.
-    server = [
-        TCPStore("127.0.0.1", 0, args.world, True, timeout=FORM_TIMEOUT, wait_for_workers=False)
-    ]
+    server = [TCPStore(LOOPBACK, 0, args.world, True, timeout=FORM_TIMEOUT, wait_for_workers=False)]
     args = dataclasses.replace(args, rank=0, port=int(server[0].port))
     children = start_ranks("kleave.workers.serve.tensor_parallel", args)
     log.info("tensor parallel over %d ranks (pids %s)", args.world, [c.pid for c in children])
     try:
         shard = load_shard(args, device)
-        client = TCPStore("127.0.0.1", args.port, args.world, False, timeout=FORM_TIMEOUT)
+        client = TCPStore(LOOPBACK, args.port, args.world, False, timeout=FORM_TIMEOUT)
         group = _form_group(args, torch.device(device), client, children, server.clear)
     except BaseException:
         server.clear()
@@ -747,7 +734,7 @@ def follow(args: RankArgs) -> None:
             num_kv_heads=shard.local.num_kv_heads,
             follower=True,
         )
-    client = TCPStore("127.0.0.1", args.port, args.world, False, timeout=FORM_TIMEOUT)
+    client = TCPStore(LOOPBACK, args.port, args.world, False, timeout=FORM_TIMEOUT)
     group = _form_group(args, torch.device(device), client, [], lambda: None)
     try:
         ShardRunner(shard, group, cache).follow()

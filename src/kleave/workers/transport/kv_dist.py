@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.distributed import TCPStore  # type: ignore[attr-defined]  # not in __all__
 
 from kleave.workers.transport.framing import PeerGone, TransportError
+from kleave.workers.transport.process_groups import gloo_group, nccl_group
 
 DistBackend = Literal["gloo", "nccl"]
 DIST_BACKENDS: tuple[str, ...] = ("gloo", "nccl")
@@ -155,19 +156,17 @@ class PairGroup:
             raise TransportError(f"the {self.spec.backend} group is closed")
         try:
             if self.spec.backend == "gloo":
-                options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-                options._timeout = timeout
-                options._devices = [dist.ProcessGroupGloo.create_device(hostname=self._local_host)]
-                self._group = dist.ProcessGroupGloo(self._store, self.rank, 2, options)
+                self._group = gloo_group(
+                    self._store, self.rank, 2, timeout=timeout, host=self._local_host
+                )
             else:
                 # On a timeout or a dead peer, abort the communicator and report it here;
                 # PyTorch's default (3) tears the whole process down, every other
                 # connection with it.
                 os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-                nccl_options = dist.ProcessGroupNCCL.Options()
-                nccl_options._timeout = timeout
-                with torch.cuda.device(self.device):
-                    self._group = dist.ProcessGroupNCCL(self._store, self.rank, 2, nccl_options)
+                self._group = nccl_group(
+                    self._store, self.rank, 2, timeout=timeout, device=self.device
+                )
         except Exception as e:
             raise TransportError(f"the {self.spec.backend} group did not form: {e}") from e
         if self._closed:  # closed while forming (the handshake gave up): do not leak it
