@@ -16,6 +16,7 @@ BENCHMARKS = {  # name -> module under bench/ with a main() -> Markdown
     "workers": "workers_cpu",
     "kv": "kv_transfer",
     "prefix": "prefix_cache",
+    "decode-prefix": "decode_prefix",
 }
 
 

@@ -50,7 +50,7 @@ from kleave.workers.serve.prefill_server import PrefillServer
 from kleave.workers.serve.router import Router, RouterOptions
 from kleave.workers.serve.routing import (
     WorkerState,
-    choose_prefill,
+    choose_by_prefix,
     least_loaded,
     prefix_key,
     rendezvous_order,
@@ -216,12 +216,12 @@ def test_rendezvous_moves_only_the_keys_of_a_removed_worker() -> None:
 def test_prefill_choice_keeps_locality_until_the_worker_is_much_busier() -> None:
     workers = [WorkerState(f"http://w{i}", "prefill", ready=True) for i in range(3)]
     prompt = [BOS, *b"system prompt shared by many requests"]
-    first = choose_prefill(workers, prompt, block_size=16, imbalance=2)
+    first = choose_by_prefix(workers, prompt, block_size=16, imbalance=2)
     assert first.affinity
     first.worker.outstanding = 2
-    assert choose_prefill(workers, prompt, block_size=16, imbalance=2).worker is first.worker
+    assert choose_by_prefix(workers, prompt, block_size=16, imbalance=2).worker is first.worker
     first.worker.outstanding = 3
-    moved = choose_prefill(workers, prompt, block_size=16, imbalance=2)
+    moved = choose_by_prefix(workers, prompt, block_size=16, imbalance=2)
     assert not moved.affinity and moved.worker is not first.worker
     assert moved.worker.outstanding == 0
 
@@ -725,7 +725,7 @@ def test_a_worker_failure_before_the_first_token_is_retried_on_another_worker(
             assert await completion_tokens(p, prompt, 24) == reference[0]
             assert retries(p, "prefill") == 1 and retries(p, "decode") == 0
 
-            broken = p.routing.pick("decode")  # the next request's first choice
+            broken = p.routing.pick("decode", tokens=prompt)  # the next request's first choice
             server = p.servers[broken.url]
             assert isinstance(server, DecodeServer) and server.receiver is not None
             await server.receiver.close()  # its HTTP still answers; its KV port does not

@@ -14,6 +14,11 @@ fields), optional ``first_token`` (then the K/V must arrive within ``kv_timeout_
 (``"ndjson"`` default, ``"sse"``, or false for one JSON answer). Stream lines are
 ``{"index", "token"}``, then ``{"finish_reason", "prompt_tokens", "completion_tokens"}``, or
 ``{"error": {...}}`` when the request fails after the stream began.
+
+Decode and attention workers also answer ``POST /v1/kv/hold {request_id, prompt_tokens, ttl_s}``
+with ``{cached_tokens}``: the router asks before the prefill, and the prefill worker then sends
+only the K/V after those tokens (``prefix_holds``); ``POST /v1/kv/release {request_id}`` drops a
+hold whose prefill failed.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ from kleave.workers.transport.kv_transfer import KVReceiver, KVTransferError
 log = logging.getLogger(__name__)
 
 STREAM_FORMATS = ("ndjson", "sse")
+MAX_HOLD_S = 3600.0  # a hold pins cache blocks: no client may pin them for longer
 
 
 def parse_sampling(raw: Any) -> SamplingParams:
@@ -107,6 +113,9 @@ class DecodeServer:
             alive=lambda: model_failure(self.model),
         )
         app.router.add_post("/v1/generate", self.generate)
+        if self.role != "colocated":
+            app.router.add_post("/v1/kv/hold", self.hold)
+            app.router.add_post("/v1/kv/release", self.release)
         app.on_startup.append(self._on_startup)
         app.on_cleanup.append(self._on_cleanup)
         return app
@@ -200,6 +209,8 @@ class DecodeServer:
         first_token = field(body, "first_token", int, None)
         stream_format = _stream_format(body.get("stream", "ndjson"))
         kv_timeout = float(field(body, "kv_timeout_s", (int, float), self.options.kv_timeout_s))
+        # Taken now, so it cannot expire while the K/V arrive; submit owns it from here.
+        hold = engine.holds.take(request_id) if first_token is not None else None
         try:
             engine.check(len(prompt), params)
             if first_token is not None and not 0 <= first_token < self.plan.config.vocab_size:
@@ -209,15 +220,27 @@ class DecodeServer:
         except (RejectedRequestError, ApiError) as error:
             if first_token is not None and self.receiver is not None:
                 self.receiver.discard(request_id)  # its K/V must not wait here for ever
+            engine.give_back(hold)
             if isinstance(error, ApiError):
                 raise
             raise ApiError(400, str(error), param=error.field) from None
-        kv = None
+        kv, kv_start = None, 0
         if first_token is not None:
-            kv = await self._receive_kv(engine, request_id, kv_timeout)
+            try:
+                kv, kv_start = await self._receive_kv(engine, request_id, kv_timeout)
+            except BaseException:
+                engine.give_back(hold)
+                raise
         try:
             stream = engine.submit(
-                request_id, prompt, params, first_token=first_token, kv=kv, arrival=arrival
+                request_id,
+                prompt,
+                params,
+                first_token=first_token,
+                kv=kv,
+                kv_start=kv_start,
+                hold=hold,
+                arrival=arrival,
             )
         except RejectedRequestError as error:
             raise ApiError(400, str(error), param=error.field) from None
@@ -231,9 +254,34 @@ class DecodeServer:
             raise ApiError(503, reason or "not ready")
         return self.engine
 
+    async def hold(self, request: web.Request) -> web.Response:
+        """Pin the prompt's cached prefix for the request's K/V; -> ``{cached_tokens}``."""
+        engine = self._engine()
+        body = await read_json(request)
+        request_id = field(body, "request_id", str)
+        prompt = token_list(body, "prompt_tokens", self.plan.config.vocab_size)
+        ttl = float(field(body, "ttl_s", (int, float), self.options.kv_timeout_s))
+        if not 0 < ttl <= MAX_HOLD_S:
+            raise ApiError(400, f"ttl_s must be in (0, {MAX_HOLD_S:.0f}] seconds", "ttl_s")
+        try:
+            cached = await engine.hold_prefix(request_id, prompt, ttl)
+        except RejectedRequestError as error:
+            raise ApiError(400, str(error), param=error.field) from None
+        except RuntimeError as error:
+            raise ApiError(503, str(error)) from None
+        return web.json_response({"request_id": request_id, "cached_tokens": cached})
+
+    async def release(self, request: web.Request) -> web.Response:
+        """Drop a hold whose prefill failed (a hold also ends at its ``ttl_s``)."""
+        engine = self._engine()
+        request_id = field(await read_json(request), "request_id", str)
+        released = engine.release_hold(request_id)
+        return web.json_response({"request_id": request_id, "released": released})
+
     async def _receive_kv(
         self, engine: Engine, request_id: str, timeout: float
-    ) -> list[tuple[Any, Any]]:
+    ) -> tuple[list[tuple[Any, Any]], int]:
+        """The request's K/V and the prompt position they start at."""
         assert self.receiver is not None, "a colocated worker has no KV receiver"
         engine.pending += 1
         try:
@@ -244,7 +292,10 @@ class DecodeServer:
             engine.pending -= 1
         self.metrics.kv_transfer_bytes.inc(received.bytes)
         self.metrics.kv_transfer_seconds.observe(received.seconds)
-        return received.layers
+        start = received.meta.get("start", 0)
+        if not isinstance(start, int) or isinstance(start, bool):
+            raise ApiError(502, f"the prefill KV of request {request_id} has a bad start {start!r}")
+        return received.layers, start
 
 
 def _stream_format(value: Any) -> str | None:

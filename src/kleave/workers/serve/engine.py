@@ -13,7 +13,13 @@ the cache, its last output token to be fed next):
   prefix caching the cache's blocks of a prefix an earlier request computed are shared and
   only the rest is prefilled (``PagedKVCache.allocate_prefix``);
 * with received KV (PD/PDAF decode): the prefill worker's K/V are copied into the cache and the
-  prefill worker's first token is the first output;
+  prefill worker's first token is the first output. With prefix caching the received prompt's
+  blocks are registered like a computed one's, and a prefix this cache already holds is not
+  received at all: ``hold_prefix`` pins it before the prefill (``prefix_holds``), the prefill
+  worker sends the K/V after it, and the request takes the hold over. A hold is never a
+  reason to wait: when blocks run out with nothing running, untaken holds are dropped and
+  waiting requests give up their blocks, and a request whose hold is gone (dropped, expired)
+  is recomputed like a preempted one (below), not failed;
 * preempted: when a running sequence needs a block and none is free, the youngest running
   sequence is evicted (its blocks freed, its output kept) and later recomputed by a prefill
   over prompt + output, as vLLM's recompute preemption does. Greedy output stays the same.
@@ -40,6 +46,7 @@ import torch
 from kleave.workers.kv_cache import PagedKVCache
 from kleave.workers.serve.forward import Forward, KVLayers, ModelThread
 from kleave.workers.serve.metrics import WorkerMetrics
+from kleave.workers.serve.prefix_holds import Hold, PrefixHolds
 from kleave.workers.serve.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -85,6 +92,7 @@ class _Sequence:
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     output: list[int] = field(default_factory=list)
     kv: KVLayers | None = None  # received prompt K/V, until copied into the cache
+    kv_start: int = 0  # the received K/V's first position: the end of the prefix it holds
     last_token_at: float = 0.0
     done: bool = False
     computed: int = 0  # while prefilling: context tokens whose K/V is in the cache
@@ -150,6 +158,7 @@ class Engine:
         self._running: list[_Sequence] = []
         self._by_id: dict[str, _Sequence] = {}
         self._ids = itertools.count()
+        self.holds = PrefixHolds()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.failure: BaseException | None = None
@@ -165,6 +174,7 @@ class Engine:
                 await self._task
         for seq in [*self._running, *self._prefilling, *self._waiting]:
             self._fail(seq, "the worker is shutting down", 503)
+        self.holds.fail(RuntimeError("the worker is shutting down"))
 
     @property
     def alive(self) -> bool:
@@ -191,6 +201,21 @@ class Engine:
                 f"has {self.cache.num_blocks} in all: lower max_tokens or shorten the prompt",
             )
 
+    async def hold_prefix(self, request_id: str, prompt: Sequence[int], ttl_s: float) -> int:
+        """Pin the longest prefix of `prompt` this cache holds for the request's received K/V
+        (which then starts there); -> the tokens pinned, 0 when none (or no prefix caching)."""
+        if self.failure is not None or not self.alive:
+            raise RuntimeError(f"the engine is not running: {self.failure!r}")
+        if not self.prefix_caching or len(prompt) <= self.cache.block_size:
+            return 0
+        if request_id in self._by_id or request_id in self.holds:
+            raise RejectedRequestError(
+                "request_id", f"request {request_id} is already running or held here"
+            )
+        answer = self.holds.ask(request_id, list(prompt), ttl_s)
+        self._wake.set()
+        return await answer
+
     def submit(
         self,
         request_id: str,
@@ -199,9 +224,50 @@ class Engine:
         *,
         first_token: int | None = None,
         kv: KVLayers | None = None,
+        kv_start: int = 0,
+        hold: Hold | None = None,
         arrival: float | None = None,
     ) -> RequestStream:
-        """Queue a request: fresh (`first_token`/`kv` None) or with its prefill done elsewhere."""
+        """Queue a request: fresh (`first_token`/`kv` None) or with its prefill done elsewhere
+        (`kv` then holds positions `kv_start`... of the prompt, the ones before being the
+        `hold` taken for it)."""
+        try:
+            seq = self._sequence(
+                request_id,
+                prompt,
+                params,
+                first_token=first_token,
+                kv=kv,
+                kv_start=kv_start,
+                hold=hold,
+            )
+        except BaseException:
+            self.give_back(hold)
+            raise
+        seq.arrival = arrival if arrival is not None else seq.arrival
+        self._by_id[request_id] = seq
+        self.metrics.prompt_tokens.inc(len(prompt))
+        if first_token is not None:
+            self._emit(seq, first_token)  # already computed: stream it without waiting
+        if not seq.done:
+            self._waiting.append(seq)
+        else:  # the first token ended it: a held prefix is not needed
+            self.give_back(hold)
+        self._wake.set()
+        self._gauges()
+        return RequestStream(self, seq)
+
+    def _sequence(
+        self,
+        request_id: str,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        first_token: int | None,
+        kv: KVLayers | None,
+        kv_start: int,
+        hold: Hold | None,
+    ) -> _Sequence:
         if self.failure is not None or not self.alive:
             raise RuntimeError(f"the engine is not running: {self.failure!r}")
         if request_id in self._by_id:
@@ -211,25 +277,44 @@ class Engine:
         self.check(len(prompt), params)
         if (first_token is None) != (kv is None):
             raise ValueError("a request with received KV needs both kv and first_token")
+        if hold is not None and kv is None:
+            raise ValueError("a prefix hold is for a request with received KV")
+        held = hold.tokens if hold is not None else 0
         if kv is not None:
-            self._check_kv(kv, len(prompt))
-        seq = _Sequence(
+            if kv_start != held and (hold is not None or kv_start < 0):
+                raise RejectedRequestError(
+                    "kv",
+                    f"the received K/V start at token {kv_start}, but this worker holds "
+                    f"{held} tokens of the prompt for the request",
+                )
+            self._check_kv(kv, len(prompt), kv_start)
+            if kv_start != held:  # its hold was dropped or expired: computed here instead
+                log.info(
+                    "request %s: the prefix before its K/V is no longer held; recomputing it",
+                    request_id,
+                )
+                kv, kv_start = None, 0
+        return _Sequence(
             request_id,
-            next(self._ids),
+            hold.seq_id if hold is not None else next(self._ids),
             list(prompt),
             params,
-            arrival if arrival is not None else time.perf_counter(),
+            time.perf_counter(),
             kv=kv,
+            kv_start=kv_start,
         )
-        self._by_id[request_id] = seq
-        self.metrics.prompt_tokens.inc(len(prompt))
-        if first_token is not None:
-            self._emit(seq, first_token)  # already computed: stream it without waiting
-        if not seq.done:
-            self._waiting.append(seq)
+
+    def release_hold(self, request_id: str) -> bool:
+        """Unpin a prefix held for a request that will not come (its prefill failed)."""
+        released = self.holds.release(request_id)
+        self._wake.set()
+        return released
+
+    def give_back(self, hold: Hold | None) -> None:
+        """Unpin a hold that was taken for a request that will not run here."""
+        if hold is not None:
+            self.holds.free_later(hold.seq_id)
             self._wake.set()
-        self._gauges()
-        return RequestStream(self, seq)
 
     def abort(self, request_id: str) -> None:
         """Drop a request whose client went away; its blocks are freed between steps."""
@@ -239,21 +324,23 @@ class Engine:
         self._finish(seq, "abort", notify=False)
         with contextlib.suppress(ValueError):
             self._waiting.remove(seq)
+            self.holds.free_later(seq.seq_id)  # blocks of its held prefix, if it has any
         self._wake.set()
 
-    def _check_kv(self, kv: KVLayers, prompt_len: int) -> None:
+    def _check_kv(self, kv: KVLayers, prompt_len: int, start: int) -> None:
         config = self.cache.config
         if len(kv) != config.num_layers:
             raise RejectedRequestError(
                 "kv", f"received KV has {len(kv)} layers, the model has {config.num_layers}"
             )
-        want = (prompt_len, config.num_kv_heads, config.head_dim)
+        want = (prompt_len - start, config.num_kv_heads, config.head_dim)
+        after = f" after the {start} cached here" if start else ""
         for layer, (k, v) in enumerate(kv):
             if tuple(k.shape) != want or tuple(v.shape) != want:
                 raise RejectedRequestError(
                     "kv",
                     f"received KV layer {layer} is {tuple(k.shape)}/{tuple(v.shape)}, expected "
-                    f"{want} for a prompt of {prompt_len} tokens",
+                    f"{want} for the {want[0]} tokens of a {prompt_len}-token prompt{after}",
                 )
 
     # ----- the loop ---------------------------------------------------------------------------
@@ -261,6 +348,7 @@ class Engine:
         try:
             while True:
                 self._reap()
+                self._apply_holds()
                 if not self._running and not self._prefilling and not self._waiting:
                     self._gauges()
                     self._wake.clear()
@@ -279,6 +367,7 @@ class Engine:
             self.failure = error
             for seq in [*self._running, *self._prefilling, *self._waiting]:
                 self._fail(seq, f"the engine failed: {error!r}", 500)
+            self.holds.fail(RuntimeError(f"the engine failed: {error!r}"))
             raise
 
     def _reap(self) -> None:
@@ -288,13 +377,18 @@ class Engine:
                 self.cache.free(seq.seq_id)
                 queue.remove(seq)
 
+    def _apply_holds(self) -> None:
+        for made in self.holds.apply(self.cache, lambda: next(self._ids)):
+            self.metrics.prefix_cache_queries.inc(made.prompt_tokens)
+            self.metrics.prefix_cache_hits.inc(made.cached_tokens)
+
     async def _admit(self) -> None:
         """Admit waiting requests while blocks and ``max_num_seqs`` allow; those to prefill
         queue for chunks, but no more than one iteration's budget of prefill ahead (their
         blocks are taken now, and the running sequences need blocks to grow)."""
         while self._waiting and len(self._running) + len(self._prefilling) < self.max_num_seqs:
             seq = self._waiting[0]
-            if not self._fits(seq):
+            if not self._fits(seq) and not (self._idle() and self._unpin(seq)):
                 return
             if seq.kv is None and self._prefill_backlog() >= self.max_prefill_tokens:
                 return
@@ -306,20 +400,38 @@ class Engine:
             self.cache.allocate(seq.seq_id, seq.context_tokens)
             kv, seq.kv = seq.kv, None
             try:
-                await self.thread.run(_write_kv, self.cache, seq.seq_id, kv)
+                await self.thread.run(_write_kv, self.cache, seq.seq_id, kv, seq.kv_start)
             except Exception as error:
                 self._prefill_failed(seq, error)
                 continue
             if seq.done:  # aborted meanwhile
                 self.cache.free(seq.seq_id)
-            else:
-                self._running.append(seq)
+                continue
+            if self.prefix_caching:  # the next prompt sharing this one's start needs less
+                self.cache.register(seq.seq_id, seq.prompt)
+            self._running.append(seq)
+
+    def _idle(self) -> bool:
+        return not self._running and not self._prefilling
+
+    def _unpin(self, head: _Sequence) -> bool:
+        """Nothing runs and `head` does not fit: what holds pin goes (untaken holds, and
+        the blocks of the requests waiting behind it, which are then recomputed); -> whether
+        `head` fits now (it always does: `check` sized it against an empty cache)."""
+        self.holds.drop_all(self.cache)
+        for seq in self._waiting:
+            if seq is not head and seq.seq_id in self.cache:
+                self.cache.free(seq.seq_id)
+                if seq.kv is not None:
+                    log.info("request %s gives up its held prefix; recomputing it", seq.request_id)
+                seq.kv, seq.kv_start = None, 0
+        return self._fits(head)
 
     def _fits(self, seq: _Sequence) -> bool:
         """Whether the cache has blocks for the sequence now (its cached prefix counted)."""
         if seq.kv is None and self.prefix_caching:
             return self.cache.can_allocate_prefix(seq.prefill_context, seq.context_tokens)
-        return self.cache.can_allocate(seq.context_tokens)
+        return self.cache.can_allocate(seq.context_tokens, seq.seq_id)
 
     def _allocate_for_prefill(self, seq: _Sequence) -> None:
         """Blocks for the whole context; with prefix caching the cached start of its prefill
@@ -383,7 +495,8 @@ class Engine:
             past = await self.thread.run(_read_kv, self.cache, seq.seq_id)
         logits, kv = await self.forward.prefill(tokens, past)
         start = seq.computed
-        await self.thread.run(_write_kv, self.cache, seq.seq_id, kv, start)
+        new = [(k[start:], v[start:]) for k, v in kv]
+        await self.thread.run(_write_kv, self.cache, seq.seq_id, new, start)
         seq.computed += len(tokens)
         return logits
 
@@ -485,14 +598,15 @@ class Engine:
             "cached_blocks": self.cache.cached_blocks,
             "num_blocks": self.cache.num_blocks,
             "block_size": self.cache.block_size,
+            "prefix_caching": self.prefix_caching,
+            "prefix_holds": len(self.holds),
         }
 
 
-def _write_kv(cache: PagedKVCache, seq_id: int, kv: KVLayers, start: int = 0) -> None:
-    """Copy positions ``start``... of a context's K/V into the cache (received K/V arrives on
-    the host; a chunk's prefill returns the whole context so far)."""
+def _write_kv(cache: PagedKVCache, seq_id: int, kv: KVLayers, start: int) -> None:
+    """Copy K/V of positions ``start``... into the cache (received K/V arrives on the host)."""
     for layer, (k, v) in enumerate(kv):
-        cache.write(seq_id, layer, start, k[start:].to(cache.device), v[start:].to(cache.device))
+        cache.write(seq_id, layer, start, k.to(cache.device), v.to(cache.device))
 
 
 def _read_kv(cache: PagedKVCache, seq_id: int) -> KVLayers:

@@ -1,13 +1,15 @@
 """The prefill worker (PD, PDAF): computes a prompt's K/V and ships it to a decode worker.
 
-``POST /v1/prefill {request_id, prompt_tokens, sampling, decode: "host:kvport"}`` runs the
-prompt through the model layer by layer and hands each layer's K/V to ``KVSender.send_layer``
-the moment it exists, so layer i is on the wire while layer i+1 computes (the sender's writer
-thread overlaps the two). It answers with the first token once the last byte is written:
-the router then starts the decode worker's stream, whose receiver already holds the K/V.
-A 502 that the decode worker caused (its receiver refused the connection or went away
-mid-transfer) names ``decode`` as its ``param``, so the router retries on another decode
-worker rather than blaming this one.
+``POST /v1/prefill {request_id, prompt_tokens, sampling, decode: "host:kvport",
+decode_cached_tokens}`` runs the prompt through the model layer by layer and hands each layer's
+K/V to ``KVSender.send_layer`` the moment it exists, so layer i is on the wire while layer i+1
+computes (the sender's writer thread overlaps the two). The K/V of the first
+``decode_cached_tokens`` positions are not sent: the decode worker holds that prefix already
+(the router asked it, ``prefix_holds``); the transfer's meta says where the sent K/V start.
+It answers with the first token once the last byte is written: the router then starts the
+decode worker's stream, whose receiver already holds the K/V. A 502 that the decode worker
+caused (its receiver refused the connection or went away mid-transfer) names ``decode`` as
+its ``param``, so the router retries on another decode worker rather than blaming this one.
 
 Prefills run one at a time, first come first served: a prefill saturates the model thread
 and interleaving two only delays both first tokens. A prompt's longest cached prefix (the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from typing import Any
@@ -68,9 +71,12 @@ def prefill_and_send(
     sender: KVSender,
     request_id: str,
     cache: PrefixCache | None = None,
+    *,
+    skip: int = 0,
 ) -> tuple[torch.Tensor, int]:
-    """`MoEDecoder.prefill` after the prompt's longest cached prefix, each layer's whole K/V
-    handed to the sender as soon as it exists; -> (last logits, cached tokens reused).
+    """`MoEDecoder.prefill` after the prompt's longest cached prefix, each layer's K/V from
+    position `skip` on handed to the sender as soon as it exists; -> (last logits, cached
+    tokens reused).
 
     Runs on the model thread (the cache's only user); `send_layer` only queues, so the next
     layer computes while the sender's thread writes this one.
@@ -79,7 +85,7 @@ def prefill_and_send(
     ids = torch.tensor(tokens[hit.tokens :], dtype=torch.long)
 
     def send(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        sender.send_layer(request_id, layer, k, v)
+        sender.send_layer(request_id, layer, k[skip:], v[skip:])
 
     logits, kv = model.prefill(ids, hit.kv, on_layer=send)
     if cache is not None:
@@ -222,6 +228,14 @@ class PrefillServer:
         prompt = token_list(body, "prompt_tokens", self.plan.config.vocab_size)
         params = parse_sampling(body.get("sampling"))
         peer = parse_peer(field(body, "decode", str))
+        skip = field(body, "decode_cached_tokens", int, 0)
+        if not 0 <= skip < len(prompt):
+            raise ApiError(
+                400,
+                f"decode_cached_tokens must be at least 0 and below the prompt's {len(prompt)} "
+                f"tokens, not {skip}",
+                "decode_cached_tokens",
+            )
         if len(prompt) >= self.plan.config.max_position:
             raise ApiError(
                 400,
@@ -245,6 +259,7 @@ class PrefillServer:
                         prompt=prompt,
                         params=params,
                         peer=peer,
+                        skip=skip,
                         arrival=arrival,
                     )
                 finally:
@@ -262,6 +277,7 @@ class PrefillServer:
         prompt: list[int],
         params: SamplingParams,
         peer: tuple[str, int],
+        skip: int,
         arrival: float,
     ) -> web.Response:
         sender = await self._sender(peer)
@@ -269,13 +285,15 @@ class PrefillServer:
         meta = {
             "num_layers": model.config.num_layers,
             "prompt_len": len(prompt),
+            "start": skip,
             "model": self.plan.preset,
             "revision": self.plan.revision,
         }
         try:
             await sender.begin(request_id, meta)
+            run = functools.partial(prefill_and_send, skip=skip)
             logits, cached = await self.thread.run(
-                prefill_and_send, model, prompt, sender, request_id, self.prefix_cache
+                run, model, prompt, sender, request_id, self.prefix_cache
             )
             token = await self.thread.run(sample, logits, params, 0)
             self.metrics.ttft.observe(time.perf_counter() - arrival)
@@ -307,6 +325,7 @@ class PrefillServer:
                 "first_token": token,
                 "prompt_tokens": len(prompt),
                 "cached_tokens": cached,
+                "decode_cached_tokens": skip,
                 "decode": where,
                 "kv_bytes": stats.bytes,
                 "kv_seconds": stats.seconds,

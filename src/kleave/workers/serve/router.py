@@ -1,8 +1,10 @@
 """The router: an OpenAI-compatible API in front of the prefill and decode (or attention) pools.
 
-Per request: pick a prefill worker by load and prefix locality and a decode worker by load
-(routing.py); ask the prefill worker to prefill the prompt and send its K/V to the decode
-worker's KV receiver; then stream the decode worker's tokens to the client as OpenAI chunks.
+Per request: pick a decode worker and a prefill worker by load and prefix locality
+(routing.py); ask the decode worker to hold the prompt's prefix its cache has (when it caches
+prefixes), then the prefill worker to prefill the prompt and send the K/V of the rest to the
+decode worker's KV receiver; then stream the decode worker's tokens to the client as OpenAI
+chunks.
 Colocated plans skip the prefill hop. A worker failure before the first token is retried on
 other workers (`Generation`). Errors before the first token are HTTP errors (400
 naming the field, 404 for another model, 503 when a pool has no ready worker, 502 naming the
@@ -22,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,13 +42,14 @@ from kleave.workers.serve.http import (
 from kleave.workers.serve.metrics import RouterMetrics
 from kleave.workers.serve.openai_api import GenerationRequest, StopMatcher
 from kleave.workers.serve.plan import ServingPlan
-from kleave.workers.serve.routing import WorkerState, choose_prefill, least_loaded
+from kleave.workers.serve.routing import WorkerState, choose_by_prefix, least_loaded
 from kleave.workers.serve.worker_client import WorkerFailedError, post_json, stream_events
 from kleave.workers.tokenizer import ByteTokenizer, IncrementalDecoder
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3.0)
+HOLD_MARGIN_S = 30.0  # a prefix hold outlives the prefill's own timeout by this much
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class Generation:
     async def _attempt(self, request_id: str, avoid: set[WorkerState]) -> AsyncGenerator[int, None]:
         router, request = self.router, self.request
         plan = router.plan
-        decode = router.pick(plan.decode_role, avoid=avoid)
+        decode = router.pick(plan.decode_role, avoid=avoid, tokens=request.prompt_tokens)
         body: dict[str, Any] = {
             "request_id": request_id,
             "prompt_tokens": request.prompt_tokens,
@@ -164,7 +167,7 @@ class Generation:
         ready = router.ready_workers("prefill", avoid)
         if not ready:
             raise router.no_worker("prefill")
-        choice = choose_prefill(
+        choice = choose_by_prefix(
             ready,
             request.prompt_tokens,
             block_size=router.options.block_size,
@@ -172,19 +175,23 @@ class Generation:
         )
         outcome = "hit" if choice.affinity else "override"
         router.metrics.prefix_hits.labels(router.plan.model, outcome).inc()
+        held = await self._hold(request_id, decode)
         body = {
             "request_id": request_id,
             "prompt_tokens": request.prompt_tokens,
             "sampling": request.params.to_dict(),
             "decode": kv,
+            "decode_cached_tokens": held,
         }
         with router.track(choice.worker):
             try:
                 result = await post_json(
                     router.session, choice.worker, "/v1/prefill", body, timeout
                 )
-            except WorkerFailedError as error:
-                if error.worker_param != "decode":
+            except BaseException as error:
+                if held:
+                    router.release_later(decode, request_id)
+                if not isinstance(error, WorkerFailedError) or error.worker_param != "decode":
                     raise
                 # The prefill worker is fine; the decode worker's KV receiver failed it.
                 decode.failures += 1
@@ -193,6 +200,30 @@ class Generation:
                     decode, f"did not take the K/V from {choice.worker.url}: {error.detail}"
                 ) from None
         return int(result["first_token"])
+
+    async def _hold(self, request_id: str, decode: WorkerState) -> int:
+        """Have the decode worker pin the prompt's prefix its cache holds; -> its tokens,
+        which the prefill worker then does not send (0 when it caches no prefixes)."""
+        router, prompt = self.router, self.request.prompt_tokens
+        size = decode.info.get("block_size")
+        if decode.info.get("prefix_caching") is not True or not isinstance(size, int):
+            return 0  # a worker that caches no prefixes (or predates holds) gets all the K/V
+        if len(prompt) <= size:
+            return 0
+        body = {
+            "request_id": request_id,
+            "prompt_tokens": prompt,
+            "ttl_s": router.options.worker_timeout_s + HOLD_MARGIN_S,
+        }
+        try:
+            result = await post_json(router.session, decode, "/v1/kv/hold", body, PROBE_TIMEOUT)
+        except WorkerFailedError:
+            raise
+        except ApiError as error:  # an optimisation: without it, all the K/V are sent
+            log.warning("request %s: %s did not hold its prefix: %s", request_id, decode.url, error)
+            return 0
+        cached = result.get("cached_tokens")
+        return cached if isinstance(cached, int) and 0 <= cached < len(prompt) else 0
 
 
 def _with_earlier(error: WorkerFailedError, earlier: list[WorkerFailedError]) -> ApiError:
@@ -215,6 +246,7 @@ class Router:
         self.created = int(time.time())
         self._session: aiohttp.ClientSession | None = None
         self._discovery: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -246,6 +278,8 @@ class Router:
             self._discovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._discovery
+        if self._background:
+            await asyncio.wait(self._background, timeout=PROBE_TIMEOUT.total)
         if self._session is not None:
             await self._session.close()
 
@@ -305,11 +339,34 @@ class Router:
         why = why or self.resolve_errors.get(role) or "none found"
         return ApiError(503, f"no {role} worker is ready (pool {pool.url}): {why}")
 
-    def pick(self, role: str, avoid: Collection[WorkerState] = ()) -> WorkerState:
+    def pick(
+        self, role: str, avoid: Collection[WorkerState] = (), tokens: Sequence[int] = ()
+    ) -> WorkerState:
+        """The least loaded ready worker, or with `tokens` the prompt's prefix worker unless
+        it is much busier (its cache likely holds the prompt's start)."""
         ready = self.ready_workers(role, avoid)
         if not ready:
             raise self.no_worker(role)
-        return least_loaded(ready)
+        if not tokens:
+            return least_loaded(ready)
+        options = self.options
+        return choose_by_prefix(
+            ready, tokens, block_size=options.block_size, imbalance=options.imbalance
+        ).worker
+
+    def release_later(self, worker: WorkerState, request_id: str) -> None:
+        """Drop a prefix hold whose prefill failed, in the background (its ttl_s ends it
+        anyway if the worker cannot be told)."""
+        task = asyncio.get_running_loop().create_task(self._release(worker, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release(self, worker: WorkerState, request_id: str) -> None:
+        body = {"request_id": request_id}
+        try:
+            await post_json(self.session, worker, "/v1/kv/release", body, PROBE_TIMEOUT)
+        except ApiError as error:
+            log.info("could not release request %s's hold on %s: %s", request_id, worker.url, error)
 
     @contextlib.contextmanager
     def track(self, worker: WorkerState) -> Iterator[None]:

@@ -1,16 +1,17 @@
-"""Which worker gets a request: load first, KV-prefix locality for prefill. Pure, no I/O.
+"""Which worker gets a request: load first, then KV-prefix locality. Pure, no I/O.
 
-Prefill placement follows the prompt's first block of tokens (the KV cache's page size):
-requests that share a system prompt or a conversation's start land on the same prefill
-worker, where a prefix cache would hit, and a restart or a scale event moves only the
+Placement follows the prompt's first block of tokens (the KV cache's page size): requests that
+share a system prompt or a conversation's start land on the same prefill worker, and on the
+same decode worker, where a prefix cache would hit, and a restart or a scale event moves only the
 prefixes of the workers that came or went. That is rendezvous (highest-random-weight)
 hashing: each worker's score is a hash of (worker, prefix) and the highest score wins, with
 no ring to rebuild. Locality yields to load: when the prefix's worker has more than
 `imbalance` requests more in flight than the least busy one, the least busy one takes it
 (SGLang's cache-aware router makes the same trade with its balance threshold).
 
-Decode placement is by load alone: a decode worker's cost is its running batch, and the K/V
-arrives by transfer, so there is no locality to keep.
+A decode worker keeps the prompts it received in its paged cache, so a prefix it holds is
+not transferred again (the router asks it to hold the prefix first); that is the locality its
+placement keeps.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class PrefillChoice:
     affinity: bool  # True: the prefix's rendezvous worker; False: overridden by load
 
 
-def choose_prefill(
+def choose_by_prefix(
     workers: Sequence[WorkerState], tokens: Sequence[int], *, block_size: int, imbalance: int
 ) -> PrefillChoice:
     """The prefix's rendezvous worker unless it is much busier than the least busy one."""
