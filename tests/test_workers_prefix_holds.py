@@ -24,6 +24,8 @@ from kleave.workers.serve.engine import Engine, RejectedRequestError, TokenEvent
 from kleave.workers.serve.http import ApiError
 from kleave.workers.serve.prefill_server import PrefillServer
 from kleave.workers.serve.prefix_holds import PrefixHolds
+from kleave.workers.serve.prefix_index import PrefixIndex
+from kleave.workers.serve.routing import WorkerState, choose_by_prefix
 from kleave.workers.serve.sampling import SamplingParams
 from kleave.workers.tokenizer import BOS
 from test_workers_serve import completion_tokens, make_engine, plane, post, run
@@ -60,33 +62,30 @@ async def tokens_of(stream: Any) -> list[int]:
 
 # ----- the bookkeeping, on a cache alone ----------------------------------------------------
 def test_a_hold_pins_its_blocks_until_released_or_expired() -> None:
-    async def scenario() -> None:
-        cache = PagedKVCache(CONFIG, num_blocks=4, block_size=16)
-        cache.allocate(0, 40)
-        zeros = torch.zeros(40, CONFIG.num_kv_heads, CONFIG.head_dim)
-        for layer in range(CONFIG.num_layers):
-            cache.write(0, layer, 0, zeros, zeros)
-        cache.register(0, QUESTIONS[0][:40])  # two full blocks reusable
-        cache.free(0)
-        ids = iter(range(1, 100))
-        holds = PrefixHolds()
-        first = holds.ask("a", QUESTIONS[0], ttl_s=10.0)
-        second = holds.ask("b", QUESTIONS[1], ttl_s=1.0)
-        nothing = holds.ask("c", [BOS, *b"unrelated prompt, nothing cached"], ttl_s=10.0)
-        early = holds.ask("d", QUESTIONS[2], ttl_s=10.0)
-        assert holds.release("d")  # released before the loop made it: never pinned
-        holds.apply(cache, lambda: next(ids), now=0.0)
-        assert (first.result(), second.result(), nothing.result(), early.result()) == (32, 32, 0, 0)
-        assert len(holds) == 2 and "a" in holds and "c" not in holds
-        # pinned: a sequence that needs every block cannot have the held ones
-        assert not cache.can_allocate(4 * 16)
-        holds.apply(cache, lambda: next(ids), now=5.0)  # "b" expired
-        assert "b" not in holds and not cache.can_allocate(4 * 16)
-        assert holds.release("a") and not holds.release("a")
-        holds.apply(cache, lambda: next(ids), now=5.0)
-        assert len(holds) == 0 and cache.free_blocks == 4 and cache.cached_blocks == 2
-
-    asyncio.run(scenario())
+    cache = PagedKVCache(CONFIG, num_blocks=4, block_size=16)
+    cache.allocate(0, 40)
+    zeros = torch.zeros(40, CONFIG.num_kv_heads, CONFIG.head_dim)
+    for layer in range(CONFIG.num_layers):
+        cache.write(0, layer, 0, zeros, zeros)
+    cache.register(0, QUESTIONS[0][:40])  # two full blocks reusable
+    cache.free(0)
+    holds = PrefixHolds()
+    assert holds.make(cache, "a", QUESTIONS[0], seq_id=1, ttl_s=10.0, now=0.0) == 32
+    assert holds.make(cache, "b", QUESTIONS[1], seq_id=2, ttl_s=1.0, now=0.0) == 32
+    other = [BOS, *b"unrelated prompt, nothing cached"]
+    assert holds.make(cache, "c", other, seq_id=3, ttl_s=10.0, now=0.0) == 0
+    assert 3 not in cache  # nothing held: no sequence left behind
+    with pytest.raises(ValueError, match="already holds"):
+        holds.make(cache, "a", QUESTIONS[0], seq_id=4, ttl_s=10.0)
+    assert len(holds) == 2 and "a" in holds and "c" not in holds
+    # pinned: a sequence that needs every block cannot have the held ones
+    assert not cache.can_allocate(4 * 16)
+    holds.expire(cache, now=5.0)  # "b" expired; "a" still pins the same two blocks
+    assert "b" not in holds and 2 not in cache and not cache.can_allocate(4 * 16)
+    assert holds.release("a") and not holds.release("a")
+    assert 1 in cache and holds.work  # freed by the loop, not by release
+    holds.expire(cache, now=5.0)
+    assert len(holds) == 0 and cache.free_blocks == 4 and cache.cached_blocks == 2
 
 
 # ----- the engine -----------------------------------------------------------------------------
@@ -103,7 +102,7 @@ def test_received_kv_is_cached_and_a_held_prefix_is_not_received_again(
         try:
             outputs, held = [], []
             for index, prompt in enumerate(QUESTIONS):
-                cached = await engine.hold_prefix(f"r{index}", prompt, ttl_s=30.0)
+                cached = engine.hold_prefix(f"r{index}", prompt, ttl_s=30.0)
                 hold = engine.holds.take(f"r{index}")
                 first, kv = whole_kv(tiny, prompt)
                 tail = [(k[cached:], v[cached:]) for k, v in kv]
@@ -130,30 +129,43 @@ def test_received_kv_is_cached_and_a_held_prefix_is_not_received_again(
     assert engine.cache.free_blocks == engine.cache.num_blocks
 
 
-def test_kv_that_does_not_start_where_the_hold_ends_is_refused_and_unpins(
+def test_whole_kv_from_a_sender_that_ignored_the_hold_is_used_after_it(
     tiny: MoEDecoder,
 ) -> None:
-    async def scenario() -> Engine:
+    """A prefill worker that predates holds sends the whole prompt's K/V: the engine uses
+    them from the hold's end (exact tokens). K/V of the wrong length are refused and the
+    hold is given back; a second hold for one request is refused."""
+    expected = generate_greedy(tiny, QUESTIONS[1], 10)
+
+    async def scenario() -> tuple[list[int], Engine]:
         engine, _ = make_engine(tiny, 32)
         engine.start()
         try:
             first, kv = whole_kv(tiny, QUESTIONS[0])
             await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
-            assert await engine.hold_prefix("b", QUESTIONS[1], ttl_s=30.0) == 48
-            with pytest.raises(RejectedRequestError, match=r"start at token 0, but .* holds 48"):
+            assert engine.hold_prefix("b", QUESTIONS[1], ttl_s=30.0) == 48
+            first_b, kv_b = whole_kv(tiny, QUESTIONS[1])
+            hold = engine.holds.take("b")
+            stream = engine.submit(
+                "b", QUESTIONS[1], GREEDY, first_token=first_b, kv=kv_b, hold=hold
+            )
+            tokens = await tokens_of(stream)
+            assert engine.hold_prefix("c", QUESTIONS[1], ttl_s=30.0) == 48
+            with pytest.raises(RejectedRequestError, match="expected"):
                 engine.submit(
-                    "b", QUESTIONS[1], GREEDY, first_token=first, kv=kv, hold=engine.holds.take("b")
+                    "c", QUESTIONS[1], GREEDY, first_token=first, kv=kv, hold=engine.holds.take("c")
                 )
-            assert await engine.hold_prefix("c", QUESTIONS[1], ttl_s=30.0) == 48
+            assert engine.hold_prefix("d", QUESTIONS[1], ttl_s=30.0) == 48
             with pytest.raises(RejectedRequestError, match="already running or held"):
-                await engine.hold_prefix("c", QUESTIONS[1], ttl_s=30.0)
-            assert engine.release_hold("c")
+                engine.hold_prefix("d", QUESTIONS[1], ttl_s=30.0)
+            assert engine.release_hold("d")
             await settled(engine)
-            return engine
+            return tokens, engine
         finally:
             await engine.stop()
 
-    engine = run(scenario())
+    tokens, engine = run(scenario())
+    assert tokens == expected
     assert engine.cache.free_blocks == engine.cache.num_blocks and len(engine.holds) == 0
 
 
@@ -164,10 +176,9 @@ def test_a_hold_nobody_takes_ends_at_its_ttl(tiny: MoEDecoder) -> None:
         try:
             first, kv = whole_kv(tiny, QUESTIONS[0])
             await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
-            held = await engine.hold_prefix("b", QUESTIONS[1], ttl_s=0.2)
+            held = engine.hold_prefix("b", QUESTIONS[1], ttl_s=0.2)
             assert len(engine.holds) == 1
-            await asyncio.sleep(0.3)
-            await engine.hold_prefix("wake", [BOS, *b"any other prompt at all"], ttl_s=1.0)
+            await asyncio.sleep(0.3)  # the idle loop wakes at the deadline by itself
             await settled(engine)
             return held, engine
         finally:
@@ -193,7 +204,7 @@ def test_blocks_needed_now_unpin_holds_and_their_requests_recompute_exactly(
         try:
             first, kv = whole_kv(tiny, QUESTIONS[0])
             await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
-            held = await engine.hold_prefix("b", QUESTIONS[1], ttl_s=3600.0)
+            held = engine.hold_prefix("b", QUESTIONS[1], ttl_s=3600.0)
             params = SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=())
             out = await asyncio.wait_for(
                 tokens_of(engine.submit("c", long_prompt, params)), timeout=30.0
@@ -216,25 +227,106 @@ def test_blocks_needed_now_unpin_holds_and_their_requests_recompute_exactly(
     assert engine.cache.free_blocks == engine.cache.num_blocks
 
 
+def test_a_finished_answer_stays_cached_for_the_next_turn(tiny: MoEDecoder) -> None:
+    """Turn 2's prompt is turn 1's prompt, its answer and a new question: the 5 full blocks
+    of turn 1's prompt and answer are reused (only the prompt's 3 without output caching)."""
+    first_turn = QUESTIONS[0]  # 60 tokens
+    answer = generate_greedy(tiny, first_turn, 30)
+    second_turn = first_turn + answer + list(b"Why?")
+    expected = generate_greedy(tiny, second_turn, 10)
+
+    async def scenario() -> tuple[list[int], float]:
+        engine, metrics = make_engine(tiny, 32)
+        engine.start()
+        try:
+            params = SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=())
+            assert await tokens_of(engine.submit("t1", first_turn, params)) == answer
+            await settled(engine)
+            before = metrics.registry.get_sample_value("vllm:prefix_cache_hits_total", LABELS)
+            tokens = await tokens_of(engine.submit("t2", second_turn, GREEDY))
+            after = metrics.registry.get_sample_value("vllm:prefix_cache_hits_total", LABELS)
+            await settled(engine)
+            return tokens, (after or 0.0) - (before or 0.0)
+        finally:
+            await engine.stop()
+
+    tokens, hits = run(scenario())
+    assert tokens == expected
+    assert hits == 80.0  # 90 tokens of K/V were written: 5 full blocks
+
+
+# ----- the router's index of what it sent where ----------------------------------------------
+def test_the_index_finds_the_worker_holding_the_longest_run_of_blocks() -> None:
+    index = PrefixIndex(block_size=16, capacity=8)
+    turn_1 = QUESTIONS[0]  # 60 tokens: 3 blocks before the last token
+    turn_2 = turn_1 + list(range(40))  # 100 tokens: 6 blocks
+    index.record("http://a", index.keys(turn_1))
+    index.record("http://b", index.keys([*SYSTEM, 1, 2, 3]))  # the system prompt's 3 blocks
+    assert len(index.keys(turn_2)) == 6
+    assert index.longest(index.keys(turn_2), {"http://a", "http://b"}) == (
+        {"http://a", "http://b"},
+        3,
+    )
+    index.record("http://a", index.keys(turn_2))
+    assert index.longest(index.keys(turn_2), {"http://a", "http://b"}) == ({"http://a"}, 6)
+    assert index.longest(index.keys(turn_2), {"http://b"}) == ({"http://b"}, 3)
+    assert index.longest(index.keys([BOS, *range(60)]), {"http://a"}) == (set(), 0)
+    assert len(index) == 6  # the 3 system blocks are shared keys
+    index.record("http://c", index.keys([BOS, *range(60)]))  # 3 new keys: 9 > 8, one goes
+    assert len(index) == 8
+    assert index.longest(index.keys(turn_2), {"http://a"}) == (set(), 0)  # its head was oldest
+    index.forget("http://c")
+    assert len(index) == 5
+
+
+def test_a_conversation_follows_the_worker_that_holds_it_unless_that_one_is_much_busier() -> None:
+    """Turn 1 went to the idler worker (load overrode the system prompt's rendezvous worker):
+    turn 2 follows it there, where its 6 blocks are, not back to the rendezvous worker."""
+    workers = [WorkerState(f"http://w{i}", "decode", ready=True) for i in range(2)]
+    index = PrefixIndex(block_size=16)
+    turn_1 = QUESTIONS[0]
+    turn_2 = turn_1 + list(range(40))
+    home = choose_by_prefix(workers, turn_1, block_size=16, imbalance=2, index=index)
+    other = next(w for w in workers if w is not home.worker)
+    home.worker.outstanding = 5
+    moved = choose_by_prefix(
+        workers, turn_1, block_size=16, imbalance=2, index=index, keys=index.keys(turn_1)
+    )
+    assert moved.worker is other and not moved.affinity
+    index.record(other.url, index.keys(turn_2))
+    home.worker.outstanding = 1
+    follows = choose_by_prefix(
+        workers, turn_2, block_size=16, imbalance=2, index=index, keys=index.keys(turn_2)
+    )
+    assert follows.worker is other and follows.affinity and follows.blocks == 6
+    other.outstanding = 4  # 3 more than the rendezvous worker: over the imbalance
+    busy = choose_by_prefix(
+        workers, turn_2, block_size=16, imbalance=2, index=index, keys=index.keys(turn_2)
+    )
+    assert busy.worker is home.worker and not busy.affinity
+
+
 # ----- PD servers on real sockets -------------------------------------------------------------
 def kv_bytes(server: PrefillServer | DecodeServer) -> float:
     value = server.metrics.registry.get_sample_value("kleave:kv_transfer_bytes_total", LABELS)
     return value or 0.0
 
 
-@pytest.mark.parametrize("decode_prefix_caching", [True, False])
+@pytest.mark.parametrize(
+    ("topology", "decode_prefix_caching"), [("PD", True), ("PD", False), ("PDAF", True)]
+)
 def test_pd_sends_only_what_the_decode_worker_lacks(
-    tiny: MoEDecoder, decode_prefix_caching: bool
+    tiny: MoEDecoder, topology: str, decode_prefix_caching: bool
 ) -> None:
-    """Three prompts sharing a system prompt through the router: the decode worker holds the
-    system prompt's 3 blocks after the first, so the next two send the K/V of their own
-    tokens only; without prefix caching on the decode worker every token is sent."""
+    """Three prompts sharing a system prompt through the router: the decode (or attention)
+    worker holds the system prompt's 3 blocks after the first, so the next two send the K/V
+    of their own tokens only; without prefix caching on it every token is sent."""
     expected = [generate_greedy(tiny, prompt, 12) for prompt in QUESTIONS]
     per_token = 2 * CONFIG.num_layers * CONFIG.num_kv_heads * CONFIG.head_dim * 4  # float32
 
     async def scenario() -> tuple[list[list[int]], list[float], float]:
-        async with plane("PD") as p:
-            (decode_url,) = p.workers["decode"]
+        async with plane(topology) as p:
+            (decode_url,) = p.workers[p.plan.decode_role]
             decode = p.servers[decode_url]
             assert isinstance(decode, DecodeServer) and decode.engine is not None
             decode.engine.prefix_caching = decode_prefix_caching

@@ -725,7 +725,7 @@ def test_a_worker_failure_before_the_first_token_is_retried_on_another_worker(
             assert await completion_tokens(p, prompt, 24) == reference[0]
             assert retries(p, "prefill") == 1 and retries(p, "decode") == 0
 
-            broken = p.routing.pick("decode", tokens=prompt)  # the next request's first choice
+            broken = p.routing.choose("decode", prompt).worker  # the next request's first choice
             server = p.servers[broken.url]
             assert isinstance(server, DecodeServer) and server.receiver is not None
             await server.receiver.close()  # its HTTP still answers; its KV port does not

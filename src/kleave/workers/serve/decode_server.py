@@ -264,7 +264,7 @@ class DecodeServer:
         if not 0 < ttl <= MAX_HOLD_S:
             raise ApiError(400, f"ttl_s must be in (0, {MAX_HOLD_S:.0f}] seconds", "ttl_s")
         try:
-            cached = await engine.hold_prefix(request_id, prompt, ttl)
+            cached = engine.hold_prefix(request_id, prompt, ttl)
         except RejectedRequestError as error:
             raise ApiError(400, str(error), param=error.field) from None
         except RuntimeError as error:

@@ -174,7 +174,6 @@ class Engine:
                 await self._task
         for seq in [*self._running, *self._prefilling, *self._waiting]:
             self._fail(seq, "the worker is shutting down", 503)
-        self.holds.fail(RuntimeError("the worker is shutting down"))
 
     @property
     def alive(self) -> bool:
@@ -201,9 +200,10 @@ class Engine:
                 f"has {self.cache.num_blocks} in all: lower max_tokens or shorten the prompt",
             )
 
-    async def hold_prefix(self, request_id: str, prompt: Sequence[int], ttl_s: float) -> int:
+    def hold_prefix(self, request_id: str, prompt: Sequence[int], ttl_s: float) -> int:
         """Pin the longest prefix of `prompt` this cache holds for the request's received K/V
-        (which then starts there); -> the tokens pinned, 0 when none (or no prefix caching)."""
+        (which then starts there); -> the tokens pinned, 0 when none (or no prefix caching).
+        At once, even mid-step (see ``prefix_holds``)."""
         if self.failure is not None or not self.alive:
             raise RuntimeError(f"the engine is not running: {self.failure!r}")
         if not self.prefix_caching or len(prompt) <= self.cache.block_size:
@@ -212,9 +212,14 @@ class Engine:
             raise RejectedRequestError(
                 "request_id", f"request {request_id} is already running or held here"
             )
-        answer = self.holds.ask(request_id, list(prompt), ttl_s)
-        self._wake.set()
-        return await answer
+        cached = self.holds.make(
+            self.cache, request_id, prompt, seq_id=next(self._ids), ttl_s=ttl_s
+        )
+        self.metrics.prefix_cache_queries.inc(len(prompt))
+        self.metrics.prefix_cache_hits.inc(cached)
+        if cached:  # an idle loop wakes to free it if nobody takes it by then
+            asyncio.get_running_loop().call_later(ttl_s, self._wake.set)
+        return cached
 
     def submit(
         self,
@@ -252,7 +257,7 @@ class Engine:
         if not seq.done:
             self._waiting.append(seq)
         else:  # the first token ended it: a held prefix is not needed
-            self.give_back(hold)
+            self.holds.free_later(seq.seq_id)
         self._wake.set()
         self._gauges()
         return RequestStream(self, seq)
@@ -281,19 +286,18 @@ class Engine:
             raise ValueError("a prefix hold is for a request with received KV")
         held = hold.tokens if hold is not None else 0
         if kv is not None:
-            if kv_start != held and (hold is not None or kv_start < 0):
-                raise RejectedRequestError(
-                    "kv",
-                    f"the received K/V start at token {kv_start}, but this worker holds "
-                    f"{held} tokens of the prompt for the request",
-                )
             self._check_kv(kv, len(prompt), kv_start)
-            if kv_start != held:  # its hold was dropped or expired: computed here instead
+            if kv_start <= held:  # the held prefix and more (a sender that ignored the hold)
+                kv = [(k[held - kv_start :], v[held - kv_start :]) for k, v in kv]
+                kv_start = held
+            else:  # the prefix before the K/V is not here: its hold was dropped or expired
                 log.info(
                     "request %s: the prefix before its K/V is no longer held; recomputing it",
                     request_id,
                 )
                 kv, kv_start = None, 0
+                self.give_back(hold)
+                hold = None
         return _Sequence(
             request_id,
             hold.seq_id if hold is not None else next(self._ids),
@@ -348,7 +352,7 @@ class Engine:
         try:
             while True:
                 self._reap()
-                self._apply_holds()
+                self.holds.expire(self.cache)
                 if not self._running and not self._prefilling and not self._waiting:
                     self._gauges()
                     self._wake.clear()
@@ -367,20 +371,18 @@ class Engine:
             self.failure = error
             for seq in [*self._running, *self._prefilling, *self._waiting]:
                 self._fail(seq, f"the engine failed: {error!r}", 500)
-            self.holds.fail(RuntimeError(f"the engine failed: {error!r}"))
             raise
 
     def _reap(self) -> None:
-        """Free the blocks of sequences that finished or were aborted since the last step."""
+        """Free the blocks of sequences that finished or were aborted since the last step;
+        with prefix caching their full blocks of output stay cached too (the next turn of a
+        conversation sends this one's answer back as part of its prompt)."""
         for queue in (self._running, self._prefilling):
             for seq in [seq for seq in queue if seq.done]:
+                if self.prefix_caching and seq.output:
+                    self.cache.register(seq.seq_id, seq.prompt + seq.output)
                 self.cache.free(seq.seq_id)
                 queue.remove(seq)
-
-    def _apply_holds(self) -> None:
-        for made in self.holds.apply(self.cache, lambda: next(self._ids)):
-            self.metrics.prefix_cache_queries.inc(made.prompt_tokens)
-            self.metrics.prefix_cache_hits.inc(made.cached_tokens)
 
     async def _admit(self) -> None:
         """Admit waiting requests while blocks and ``max_num_seqs`` allow; those to prefill

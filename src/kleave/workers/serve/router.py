@@ -42,7 +42,13 @@ from kleave.workers.serve.http import (
 from kleave.workers.serve.metrics import RouterMetrics
 from kleave.workers.serve.openai_api import GenerationRequest, StopMatcher
 from kleave.workers.serve.plan import ServingPlan
-from kleave.workers.serve.routing import WorkerState, choose_by_prefix, least_loaded
+from kleave.workers.serve.prefix_index import PrefixIndex
+from kleave.workers.serve.routing import (
+    PrefixChoice,
+    WorkerState,
+    choose_by_prefix,
+    least_loaded,
+)
 from kleave.workers.serve.worker_client import WorkerFailedError, post_json, stream_events
 from kleave.workers.tokenizer import ByteTokenizer, IncrementalDecoder
 
@@ -113,7 +119,7 @@ class Generation:
     async def _attempt(self, request_id: str, avoid: set[WorkerState]) -> AsyncGenerator[int, None]:
         router, request = self.router, self.request
         plan = router.plan
-        decode = router.pick(plan.decode_role, avoid=avoid, tokens=request.prompt_tokens)
+        decode = router.choose(plan.decode_role, request.prompt_tokens, avoid).worker
         body: dict[str, Any] = {
             "request_id": request_id,
             "prompt_tokens": request.prompt_tokens,
@@ -126,12 +132,15 @@ class Generation:
         self._check_fits(decode)
         if plan.topology != "Colocated":
             body["first_token"] = await self._prefill(request_id, decode, avoid, timeout)
+        output: list[int] = []
         with router.track(decode):
             async for event in stream_events(router.session, decode, "/v1/generate", body, timeout):
                 if "token" in event:
-                    yield int(event["token"])
+                    output.append(int(event["token"]))
+                    yield output[-1]
                 elif "finish_reason" in event:
                     self.finish_reason = str(event["finish_reason"])
+        router.record(decode, request.prompt_tokens + output)  # its cache keeps the answer too
 
     def _check_fits(self, decode: WorkerState) -> None:
         """Refuse before the prefill what the chosen decode worker's cache could never hold.
@@ -164,15 +173,7 @@ class Generation:
         kv = decode.kv_address
         if kv is None:
             raise ApiError(503, f"{decode.role} worker {decode.url} reports no KV receiver port")
-        ready = router.ready_workers("prefill", avoid)
-        if not ready:
-            raise router.no_worker("prefill")
-        choice = choose_by_prefix(
-            ready,
-            request.prompt_tokens,
-            block_size=router.options.block_size,
-            imbalance=router.options.imbalance,
-        )
+        choice = router.choose("prefill", request.prompt_tokens, avoid)
         outcome = "hit" if choice.affinity else "override"
         router.metrics.prefix_hits.labels(router.plan.model, outcome).inc()
         held = await self._hold(request_id, decode)
@@ -242,6 +243,7 @@ class Router:
         self.metrics = RouterMetrics(plan.model)
         self.roles = ("decode",) if plan.topology == "Colocated" else ("prefill", plan.decode_role)
         self.workers: dict[str, dict[str, WorkerState]] = {role: {} for role in self.roles}
+        self.prefixes = {role: PrefixIndex(options.block_size) for role in self.roles}
         self.resolve_errors: dict[str, str] = {}
         self.created = int(time.time())
         self._session: aiohttp.ClientSession | None = None
@@ -306,6 +308,7 @@ class Router:
                 known.setdefault(url, WorkerState(url, role))
             for url in [u for u, w in known.items() if u not in urls and not w.outstanding]:
                 del known[url]  # its pod is gone
+                self.prefixes[role].forget(url)
             probes += [self._probe(worker) for worker in known.values()]
         await asyncio.gather(*probes)
 
@@ -318,7 +321,10 @@ class Router:
                     return
             async with self.session.get(f"{worker.url}/v1/info", timeout=PROBE_TIMEOUT) as response:
                 response.raise_for_status()
-                worker.info = await response.json()
+                info = await response.json()
+            if worker.info.get("instance") != info.get("instance"):
+                self.prefixes[worker.role].forget(worker.url)  # a new process: an empty cache
+            worker.info = info
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             worker.ready = False
             worker.last_error = str(error) or type(error).__name__
@@ -339,20 +345,37 @@ class Router:
         why = why or self.resolve_errors.get(role) or "none found"
         return ApiError(503, f"no {role} worker is ready (pool {pool.url}): {why}")
 
-    def pick(
-        self, role: str, avoid: Collection[WorkerState] = (), tokens: Sequence[int] = ()
-    ) -> WorkerState:
-        """The least loaded ready worker, or with `tokens` the prompt's prefix worker unless
-        it is much busier (its cache likely holds the prompt's start)."""
+    def pick(self, role: str, avoid: Collection[WorkerState] = ()) -> WorkerState:
         ready = self.ready_workers(role, avoid)
         if not ready:
             raise self.no_worker(role)
-        if not tokens:
-            return least_loaded(ready)
-        options = self.options
-        return choose_by_prefix(
-            ready, tokens, block_size=options.block_size, imbalance=options.imbalance
-        ).worker
+        return least_loaded(ready)
+
+    def choose(
+        self, role: str, tokens: Sequence[int], avoid: Collection[WorkerState] = ()
+    ) -> PrefixChoice:
+        """The ready worker whose cache most likely holds the prompt's start, unless it is
+        much busier (`routing.choose_by_prefix`); the index then counts the prompt as sent."""
+        ready = self.ready_workers(role, avoid)
+        if not ready:
+            raise self.no_worker(role)
+        index = self.prefixes[role]
+        keys = index.keys(tokens)
+        choice = choose_by_prefix(
+            ready,
+            tokens,
+            block_size=self.options.block_size,
+            imbalance=self.options.imbalance,
+            index=index,
+            keys=keys,
+        )
+        index.record(choice.worker.url, keys)
+        return choice
+
+    def record(self, worker: WorkerState, tokens: Sequence[int]) -> None:
+        """`worker`'s cache now holds these tokens' blocks (prompt and answer)."""
+        index = self.prefixes[worker.role]
+        index.record(worker.url, index.keys(tokens))
 
     def release_later(self, worker: WorkerState, request_id: str) -> None:
         """Drop a prefix hold whose prefill failed, in the background (its ttl_s ends it

@@ -1,17 +1,16 @@
 """Which worker gets a request: load first, then KV-prefix locality. Pure, no I/O.
 
-Placement follows the prompt's first block of tokens (the KV cache's page size): requests that
-share a system prompt or a conversation's start land on the same prefill worker, and on the
-same decode worker, where a prefix cache would hit, and a restart or a scale event moves only the
-prefixes of the workers that came or went. That is rendezvous (highest-random-weight)
-hashing: each worker's score is a hash of (worker, prefix) and the highest score wins, with
-no ring to rebuild. Locality yields to load: when the prefix's worker has more than
-`imbalance` requests more in flight than the least busy one, the least busy one takes it
-(SGLang's cache-aware router makes the same trade with its balance threshold).
-
-A decode worker keeps the prompts it received in its paged cache, so a prefix it holds is
-not transferred again (the router asks it to hold the prefix first); that is the locality its
-placement keeps.
+A prompt goes to the worker that holds the longest run of its leading KV blocks (16 tokens
+each), as far as the router's `PrefixIndex` of what it sent where knows: a conversation's
+later turns follow its earlier ones, to the prefill worker's prefix cache and to the decode
+worker's paged cache (which then is not sent that prefix again: the router asks it to hold
+it). A prompt no worker holds goes by its first block, so prompts sharing a system prompt
+meet: that is rendezvous (highest-random-weight) hashing, where each worker's score is a hash
+of (worker, block) and the highest score wins, with no ring to rebuild, and a restart or a
+scale event moves only the prefixes of the workers that came or went. Locality yields to
+load: when the preferred worker has more than `imbalance` requests more in flight than the
+least busy one, the least busy one takes it (SGLang's cache-aware router makes the same
+trade with its balance threshold).
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+from kleave.workers.serve.prefix_index import PrefixIndex
 
 
 @dataclass(eq=False)
@@ -71,20 +72,33 @@ def least_loaded(workers: Sequence[WorkerState]) -> WorkerState:
 
 
 @dataclass(frozen=True)
-class PrefillChoice:
+class PrefixChoice:
     worker: WorkerState
-    affinity: bool  # True: the prefix's rendezvous worker; False: overridden by load
+    affinity: bool  # True: the prefix's worker; False: overridden by load
+    blocks: int = 0  # leading blocks of the prompt the index says the worker holds
 
 
 def choose_by_prefix(
-    workers: Sequence[WorkerState], tokens: Sequence[int], *, block_size: int, imbalance: int
-) -> PrefillChoice:
-    """The prefix's rendezvous worker unless it is much busier than the least busy one."""
+    workers: Sequence[WorkerState],
+    tokens: Sequence[int],
+    *,
+    block_size: int,
+    imbalance: int,
+    index: PrefixIndex | None = None,
+    keys: Sequence[bytes] = (),
+) -> PrefixChoice:
+    """The worker holding the longest run of the prompt's blocks (`index`, given the prompt's
+    `keys`), or with none the first block's rendezvous worker; either unless it is much busier
+    than the least busy one."""
     if not workers:
         raise ValueError("no workers to choose from")
     by_url = {w.url: w for w in workers}
-    preferred = by_url[rendezvous_order(list(by_url), prefix_key(tokens, block_size))[0]]
+    holders, blocks = index.longest(keys, by_url) if index is not None else (set(), 0)
+    if blocks:
+        preferred = least_loaded([by_url[url] for url in holders])
+    else:
+        preferred = by_url[rendezvous_order(list(by_url), prefix_key(tokens, block_size))[0]]
     idlest = least_loaded(workers)
     if preferred.outstanding - idlest.outstanding > imbalance:
-        return PrefillChoice(idlest, affinity=False)
-    return PrefillChoice(preferred, affinity=True)
+        return PrefixChoice(idlest, affinity=False)
+    return PrefixChoice(preferred, affinity=True, blocks=blocks)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ def model_part(role: str) -> ModelPart:
     return "all"
 
 
+INSTANCE = uuid.uuid4().hex  # this process: a router seeing it change knows the caches are empty
 CACHE_ROLES = ("colocated", "decode", "attention")  # the servers that hold a paged KV cache
 
 
@@ -151,6 +153,7 @@ def plan_info(plan: ServingPlan, model: Decoder | None) -> dict[str, Any]:
         "config": plan.config.to_dict(),
         "weights": None,
         "tensor_parallel": {"size": 1, "rank_pids": [os.getpid()]},
+        "instance": INSTANCE,
     }
     if isinstance(model, TensorParallelDecoder):
         pids = [os.getpid(), *(child.pid for child in model.children)]
