@@ -47,6 +47,7 @@ from kleave.workers.serve.metrics import WorkerMetrics, token_buckets
 from kleave.workers.serve.openai_api import StopMatcher, parse_chat, parse_completion
 from kleave.workers.serve.plan import PlanError, ServingPlan, local_plan, parse_plan
 from kleave.workers.serve.prefill_server import PrefillServer
+from kleave.workers.serve.prefix_index import reusable_keys
 from kleave.workers.serve.router import Router, RouterOptions
 from kleave.workers.serve.routing import (
     WorkerState,
@@ -725,7 +726,8 @@ def test_a_worker_failure_before_the_first_token_is_retried_on_another_worker(
             assert await completion_tokens(p, prompt, 24) == reference[0]
             assert retries(p, "prefill") == 1 and retries(p, "decode") == 0
 
-            broken = p.routing.choose("decode", prompt).worker  # the next request's first choice
+            keys = reusable_keys(prompt, 16)
+            broken = p.routing.choose("decode", prompt, keys).worker  # the next one's first choice
             server = p.servers[broken.url]
             assert isinstance(server, DecodeServer) and server.receiver is not None
             await server.receiver.close()  # its HTTP still answers; its KV port does not

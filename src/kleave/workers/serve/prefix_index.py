@@ -20,6 +20,12 @@ from kleave.workers.prefix_cache import block_keys
 DEFAULT_CAPACITY = 1 << 16  # block keys (x 16 tokens: a million tokens of prefixes)
 
 
+def reusable_keys(tokens: Sequence[int], block_size: int) -> list[bytes]:
+    """The chained keys of the blocks a worker's cache could reuse for `tokens`: every full
+    block but one holding the last token, which is always computed."""
+    return block_keys(tokens[: max(0, len(tokens) - 1)], block_size)
+
+
 class PrefixIndex:
     def __init__(self, block_size: int, capacity: int = DEFAULT_CAPACITY) -> None:
         if block_size < 1 or capacity < 1:
@@ -32,9 +38,7 @@ class PrefixIndex:
         return len(self._owners)
 
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
-        """The chained keys a worker's cache could reuse: every full block but the one
-        holding the last token, which is always computed."""
-        return block_keys(tokens[: max(0, len(tokens) - 1)], self.block_size)
+        return reusable_keys(tokens, self.block_size)
 
     def record(self, worker: str, keys: Sequence[bytes]) -> None:
         """`worker` was sent (and so now caches) the prefix these keys name."""

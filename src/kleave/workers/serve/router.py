@@ -42,7 +42,7 @@ from kleave.workers.serve.http import (
 from kleave.workers.serve.metrics import RouterMetrics
 from kleave.workers.serve.openai_api import GenerationRequest, StopMatcher
 from kleave.workers.serve.plan import ServingPlan
-from kleave.workers.serve.prefix_index import PrefixIndex
+from kleave.workers.serve.prefix_index import PrefixIndex, reusable_keys
 from kleave.workers.serve.routing import (
     PrefixChoice,
     WorkerState,
@@ -86,6 +86,7 @@ class Generation:
         self.request = request
         self.finish_reason = "length"
         self.attempts = 0
+        self.keys = reusable_keys(request.prompt_tokens, router.options.block_size)
 
     async def tokens(self) -> AsyncGenerator[int, None]:
         router = self.router
@@ -119,7 +120,7 @@ class Generation:
     async def _attempt(self, request_id: str, avoid: set[WorkerState]) -> AsyncGenerator[int, None]:
         router, request = self.router, self.request
         plan = router.plan
-        decode = router.choose(plan.decode_role, request.prompt_tokens, avoid).worker
+        decode = router.choose(plan.decode_role, request.prompt_tokens, self.keys, avoid).worker
         body: dict[str, Any] = {
             "request_id": request_id,
             "prompt_tokens": request.prompt_tokens,
@@ -173,7 +174,7 @@ class Generation:
         kv = decode.kv_address
         if kv is None:
             raise ApiError(503, f"{decode.role} worker {decode.url} reports no KV receiver port")
-        choice = router.choose("prefill", request.prompt_tokens, avoid)
+        choice = router.choose("prefill", request.prompt_tokens, self.keys, avoid)
         outcome = "hit" if choice.affinity else "override"
         router.metrics.prefix_hits.labels(router.plan.model, outcome).inc()
         held = await self._hold(request_id, decode)
@@ -352,15 +353,19 @@ class Router:
         return least_loaded(ready)
 
     def choose(
-        self, role: str, tokens: Sequence[int], avoid: Collection[WorkerState] = ()
+        self,
+        role: str,
+        tokens: Sequence[int],
+        keys: Sequence[bytes],
+        avoid: Collection[WorkerState] = (),
     ) -> PrefixChoice:
-        """The ready worker whose cache most likely holds the prompt's start, unless it is
-        much busier (`routing.choose_by_prefix`); the index then counts the prompt as sent."""
+        """The ready worker whose cache most likely holds the prompt's start (its `keys`:
+        `reusable_keys`), unless it is much busier (`routing.choose_by_prefix`); the index
+        then counts the prompt as sent there."""
         ready = self.ready_workers(role, avoid)
         if not ready:
             raise self.no_worker(role)
         index = self.prefixes[role]
-        keys = index.keys(tokens)
         choice = choose_by_prefix(
             ready,
             tokens,
