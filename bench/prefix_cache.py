@@ -20,7 +20,7 @@ import torch
 from kleave.workers.config import MODEL_PRESETS
 from kleave.workers.model import MoEDecoder
 from kleave.workers.prefix_cache import PrefixCache
-from kleave.workers.serve.prefill_server import prefill_and_send
+from kleave.workers.serve.prefill_batch import prefill_and_send
 
 PRESET = os.environ.get("KLEAVE_BENCH_PREFIX_MODEL", "small")
 SYSTEM = int(os.environ.get("KLEAVE_BENCH_PREFIX_SYSTEM", "448"))

@@ -11,9 +11,11 @@ decode worker's stream, whose receiver already holds the K/V. A 502 that the dec
 caused (its receiver refused the connection or went away mid-transfer) names ``decode`` as
 its ``param``, so the router retries on another decode worker rather than blaming this one.
 
-Prefills run one at a time, first come first served: a prefill saturates the model thread
-and interleaving two only delays both first tokens. A prompt's longest cached prefix (the
-``PrefixCache`` of recent prompts' full blocks) is not recomputed, only sent. Connections to
+Prefills run first come first served, several prompts in one pass when several wait
+(``prefill_batch``: up to ``--max-prefill-tokens`` new tokens and ``--max-num-seqs`` prompts
+a batch), so a burst of short prompts shares the FFN's GEMMs instead of queueing one by
+one. A prompt's longest cached prefix (the ``PrefixCache`` of recent prompts' full blocks) is
+not recomputed, only sent. Connections to
 decode workers are kept and reused; one that failed is dropped and dialled again on the next
 request.
 """
@@ -22,16 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from typing import Any
 
-import torch
 from aiohttp import web
 
 from kleave.workers.model import Decoder
-from kleave.workers.prefix_cache import PrefixCache, PrefixHit
+from kleave.workers.prefix_cache import PrefixCache
 from kleave.workers.serve.decode_server import parse_sampling
 from kleave.workers.serve.forward import ModelThread
 from kleave.workers.serve.http import (
@@ -44,6 +44,7 @@ from kleave.workers.serve.http import (
 )
 from kleave.workers.serve.metrics import WorkerMetrics
 from kleave.workers.serve.plan import ServingPlan
+from kleave.workers.serve.prefill_batch import PrefillBatcher, PrefillJob, prefill_jobs
 from kleave.workers.serve.runtime import (
     WorkerOptions,
     build_model,
@@ -65,34 +66,6 @@ def parse_peer(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def prefill_and_send(
-    model: Decoder,
-    tokens: list[int],
-    sender: KVSender,
-    request_id: str,
-    cache: PrefixCache | None = None,
-    *,
-    skip: int = 0,
-) -> tuple[torch.Tensor, int]:
-    """`MoEDecoder.prefill` after the prompt's longest cached prefix, each layer's K/V from
-    position `skip` on handed to the sender as soon as it exists; -> (last logits, cached
-    tokens reused).
-
-    Runs on the model thread (the cache's only user); `send_layer` only queues, so the next
-    layer computes while the sender's thread writes this one.
-    """
-    hit = cache.lookup(tokens) if cache is not None else PrefixHit(0, None)
-    ids = torch.tensor(tokens[hit.tokens :], dtype=torch.long)
-
-    def send(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        sender.send_layer(request_id, layer, k[skip:], v[skip:])
-
-    logits, kv = model.prefill(ids, hit.kv, on_layer=send)
-    if cache is not None:
-        cache.insert(tokens, kv)
-    return logits, hit.tokens
-
-
 class PrefillServer:
     def __init__(self, plan: ServingPlan, options: WorkerOptions) -> None:
         self.plan = plan
@@ -107,11 +80,15 @@ class PrefillServer:
         )
         self.model: Decoder | None = None
         self.load_error: str | None = None
-        self._turn = asyncio.Lock()  # FIFO: one prefill at a time
+        self.batcher = PrefillBatcher(
+            self.thread,
+            self._compute,
+            max_tokens=options.max_prefill_tokens,
+            max_jobs=options.max_num_seqs,
+            on_change=self._gauges,
+        )
         self._senders: dict[tuple[str, int], KVSender] = {}
         self._dialing: dict[tuple[str, int], asyncio.Lock] = {}
-        self._waiting = 0
-        self._running = 0
         self._loading: asyncio.Task[None] | None = None
 
     def app(self) -> web.Application:
@@ -130,6 +107,7 @@ class PrefillServer:
 
     async def _on_startup(self, _: web.Application) -> None:
         self._gauges()
+        self.batcher.start()
         self._loading = asyncio.get_running_loop().create_task(self._load())
 
     async def _load(self) -> None:
@@ -144,6 +122,7 @@ class PrefillServer:
             self._loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loading
+        await self.batcher.stop()
         for sender in self._senders.values():
             with contextlib.suppress(Exception):
                 await sender.close(linger=1.0)
@@ -164,8 +143,9 @@ class PrefillServer:
         return {
             "role": "prefill",
             **plan_info(self.plan, self.model),
-            "running": self._running,
-            "waiting": self._waiting,
+            "running": self.batcher.running,
+            "waiting": self.batcher.waiting,
+            "batches": self.batcher.batches,
             "decode_peers": sorted(f"{h}:{p}" for h, p in self._senders),
             "kv_backend": self.options.kv_backend,
             "prefix_cache": None
@@ -180,8 +160,8 @@ class PrefillServer:
         }
 
     def _gauges(self) -> None:
-        self.metrics.running.set(self._running)
-        self.metrics.waiting.set(self._waiting)
+        self.metrics.running.set(self.batcher.running)
+        self.metrics.waiting.set(self.batcher.waiting)
         self.metrics.kv_usage.set(0.0)  # K/V leaves with the transfer; none is kept here
 
     async def _sender(self, peer: tuple[str, int]) -> KVSender:
@@ -243,31 +223,20 @@ class PrefillServer:
                 f"{self.plan.config.max_position}",
                 "prompt_tokens",
             )
-        self._waiting += 1
-        queued = True
-        self._gauges()
-        try:
-            async with self._turn:
-                self._waiting -= 1
-                queued = False
-                self._running += 1
-                self._gauges()
-                try:
-                    return await self._run(
-                        model,
-                        request_id=request_id,
-                        prompt=prompt,
-                        params=params,
-                        peer=peer,
-                        skip=skip,
-                        arrival=arrival,
-                    )
-                finally:
-                    self._running -= 1
-        finally:
-            if queued:  # cancelled while waiting for its turn
-                self._waiting -= 1
-            self._gauges()
+        return await self._run(
+            model,
+            request_id=request_id,
+            prompt=prompt,
+            params=params,
+            peer=peer,
+            skip=skip,
+            arrival=arrival,
+        )
+
+    def _compute(self, jobs: list[PrefillJob]) -> None:
+        """On the model thread: one batch."""
+        assert self.model is not None, "prefill jobs are queued only once the model is loaded"
+        prefill_jobs(self.model, jobs, self.prefix_cache)
 
     async def _run(
         self,
@@ -291,11 +260,13 @@ class PrefillServer:
         }
         try:
             await sender.begin(request_id, meta)
-            run = functools.partial(prefill_and_send, skip=skip)
-            logits, cached = await self.thread.run(
-                run, model, prompt, sender, request_id, self.prefix_cache
-            )
-            token = await self.thread.run(sample, logits, params, 0)
+            job = PrefillJob(request_id, prompt, sender, skip)
+            await self.batcher.run(job)
+            if job.error is not None:
+                raise job.error
+            assert job.logits is not None
+            cached = job.cached
+            token = await self.thread.run(sample, job.logits, params, 0)
             self.metrics.ttft.observe(time.perf_counter() - arrival)
             stats = await sender.end(request_id)
         except KVTransferError as error:
