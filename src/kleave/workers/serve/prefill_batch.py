@@ -124,7 +124,7 @@ class _Queued:
 
 class PrefillBatcher:
     """First come, first served, several at a time: while the model runs one batch, the
-    prompts that arrive queue, and the next batch takes them in order up to `max_tokens` new
+    prompts that arrive queue, and the next batch takes them in order up to `max_tokens` prompt
     tokens (the first prompt always fits) and `max_jobs` prompts."""
 
     def __init__(

@@ -12,7 +12,7 @@ caused (its receiver refused the connection or went away mid-transfer) names ``d
 its ``param``, so the router retries on another decode worker rather than blaming this one.
 
 Prefills run first come first served, several prompts in one pass when several wait
-(``prefill_batch``: up to ``--max-prefill-tokens`` new tokens and ``--max-num-seqs`` prompts
+(``prefill_batch``: up to ``--max-prefill-tokens`` prompt tokens and ``--max-num-seqs`` prompts
 a batch), so a burst of short prompts shares the FFN's GEMMs instead of queueing one by
 one. A prompt's longest cached prefix (the ``PrefixCache`` of recent prompts' full blocks) is
 not recomputed, only sent. Connections to
