@@ -124,14 +124,18 @@ def test_the_queue_batches_in_order_within_its_limits() -> None:
     assert run(scenario()) == [["a"], ["b", "c", "d"], ["e"], ["f"]]
 
 
-def test_pd_with_batched_prefills_decodes_generate_greedys_tokens(tiny: MoEDecoder) -> None:
-    """Eight requests at once through PD: the prefill worker runs them in fewer passes than
+@pytest.mark.parametrize("prefill_ranks", [1, 2])
+def test_pd_with_batched_prefills_decodes_generate_greedys_tokens(
+    tiny: MoEDecoder, prefill_ranks: int
+) -> None:
+    """Eight requests at once through PD: the prefill worker (one process, or a tensor
+    parallel group of two, which batches prompt by prompt) runs them in fewer passes than
     prompts, and every request still decodes generate_greedy's tokens."""
     prompts = [[BOS, *range(1 + i, 30 + 3 * i)] for i in range(8)]
     expected = [generate_greedy(tiny, prompt, 8) for prompt in prompts]
 
     async def scenario() -> tuple[list[list[int]], int]:
-        async with plane("PD") as p:
+        async with plane("PD", tensor_parallel={"prefill": prefill_ranks}) as p:
             (url,) = p.workers["prefill"]
             prefill = p.servers[url]
             assert isinstance(prefill, PrefillServer)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
@@ -398,16 +398,49 @@ class MoEDecoder(nn.Module):
         positions before them, e.g. a cached prefix; `positions` then start at P, see
         `prefill_positions`), over those too. K and V are the whole sequence's: `[P + T, Hkv,
         D]` (`[T, Hkv, D]` without a past), the concatenation the attention needed anyway."""
-        c = self.config
         q, k, v = self._qkv(layer, h, positions)
+        out, keys, values = self._attend(q, k, v, past)
+        return h + self.reduce(out @ self._attn(layer).wo.t()), keys, values
+
+    @torch.inference_mode()
+    def attention_prefill_packed(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        spans: Sequence[tuple[int, int]],
+        positions: torch.Tensor,
+        pasts: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """`attention_prefill` of several sequences packed in `h` (sequence i is rows
+        `spans[i]`, at `positions` rows of its own): one QKV and one output projection for
+        all, the attention itself per sequence. -> (h + attention, each sequence's K/V)."""
+        q, k, v = self._qkv(layer, h, positions)
+        outs, kv = [], []
+        for (lo, hi), past in zip(spans, pasts, strict=True):
+            out, keys, values = self._attend(q[lo:hi], k[lo:hi], v[lo:hi], past)
+            outs.append(out)
+            kv.append((keys, values))
+        return h + self.reduce(torch.cat(outs) @ self._attn(layer).wo.t()), kv
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sequence's causal attention of `q` `[T, H, D]` over its past and `k`/`v`:
+        -> (`[T, H * D]` before the output projection, the whole K, V)."""
+        c = self.config
         keys, values = (
             (k, v) if past is None else (torch.cat([past[0], k]), torch.cat([past[1], v]))
         )
+        tokens = q.shape[0]
         mask = None
         if past is not None:  # token i (position P + i) sees positions 0 .. P + i
             width = keys.shape[0]
-            mask = torch.ones(h.shape[0], width, dtype=torch.bool, device=h.device).tril(
-                diagonal=width - h.shape[0]
+            mask = torch.ones(tokens, width, dtype=torch.bool, device=q.device).tril(
+                diagonal=width - tokens
             )
         group = c.num_heads // c.num_kv_heads  # the same on every shard
         out = functional.scaled_dot_product_attention(
@@ -418,8 +451,7 @@ class MoEDecoder(nn.Module):
             is_causal=past is None,
             scale=1.0 / math.sqrt(c.head_dim),
         )  # [H, T, D]
-        out = out.transpose(0, 1).reshape(h.shape[0], self.local.num_heads * c.head_dim)
-        return h + self.reduce(out @ self._attn(layer).wo.t()), keys, values
+        return out.transpose(0, 1).reshape(tokens, self.local.num_heads * c.head_dim), keys, values
 
     def prefill_positions(
         self, tokens: int, past: list[tuple[torch.Tensor, torch.Tensor]] | None

@@ -5,9 +5,10 @@ Each prompt's K/V go to its own KV sender layer by layer as they exist (``send_l
 queues; the sender's thread writes). Several prompts are one pass: embedded together, each
 attends over its own tokens (and its cached prefix) alone, and then their hidden states go
 through the layer's FFN as one batch, so the FFN's GEMMs (a MoE's grouped GEMM above all)
-see every prompt's tokens at once, which is where batching pays (vLLM's and SGLang's prefill
-batches do the same with packed attention). A prompt whose sender fails stops sending and
-fails alone; the others finish.
+see every prompt's tokens at once, which is where batching pays; on a ``MoEDecoder`` the QKV
+and output projections are one GEMM for all prompts too (`attention_prefill_packed`), only
+the attention itself runs prompt by prompt (vLLM and SGLang pack that too, in varlen
+kernels). A prompt whose sender fails stops sending and fails alone; the others finish.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from kleave.workers.model import Decoder
+from kleave.workers.model import Decoder, MoEDecoder
 from kleave.workers.prefix_cache import PrefixCache, PrefixHit
 from kleave.workers.serve.forward import ModelThread
 
@@ -103,14 +104,20 @@ def _together(model: Decoder, jobs: Sequence[PrefillJob], hits: Sequence[PrefixH
     positions = [model.prefill_positions(len(t), hit.kv) for t, hit in zip(new, hits, strict=True)]
     h = model.embed(torch.tensor([t for tokens in new for t in tokens], dtype=torch.long))
     for layer in range(model.config.num_layers):
-        outs = []
-        for job, hit, (lo, hi), where in zip(jobs, hits, bounds, positions, strict=True):
-            past = None if hit.kv is None else hit.kv[layer]
-            out, k, v = model.attention_prefill(layer, h[lo:hi], where, past)
+        pasts = [None if hit.kv is None else hit.kv[layer] for hit in hits]
+        if isinstance(model, MoEDecoder):  # a tensor-parallel group goes prompt by prompt
+            h, kv = model.attention_prefill_packed(layer, h, bounds, torch.cat(positions), pasts)
+        else:
+            outs, kv = [], []
+            for (lo, hi), where, past in zip(bounds, positions, pasts, strict=True):
+                out, k, v = model.attention_prefill(layer, h[lo:hi], where, past)
+                outs.append(out)
+                kv.append((k, v))
+            h = torch.cat(outs)
+        for job, (k, v) in zip(jobs, kv, strict=True):
             job.send(layer, k, v)
             job.kv.append((k, v))
-            outs.append(out)
-        h = model.ffn(layer, torch.cat(outs))
+        h = model.ffn(layer, h)
     last = torch.tensor([hi - 1 for _, hi in bounds], device=h.device)
     for job, logits in zip(jobs, model.logits(h[last]), strict=True):
         job.logits = logits
