@@ -17,6 +17,7 @@ BENCHMARKS = {  # name -> module under bench/ with a main() -> Markdown
     "kv": "kv_transfer",
     "prefix": "prefix_cache",
     "decode-prefix": "decode_prefix",
+    "prefill-batch": "prefill_batch",
 }
 
 
