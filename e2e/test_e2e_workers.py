@@ -121,6 +121,35 @@ def test_pd_processes_generate_exactly_generate_greedys_tokens(
         assert json.load(response)["kv_backend"] == "shm"
 
 
+def counter_total(plane: LocalDataPlane, role: str, name: str) -> float:
+    """`name` summed over the role's workers' /metrics."""
+    total = 0.0
+    for worker in plane.workers(role):
+        text = urllib.request.urlopen(f"{worker.url}/metrics", timeout=5).read().decode()
+        total += sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+    return total
+
+
+def test_a_chats_next_turn_sends_only_the_kv_its_decode_worker_lacks(
+    pd: LocalDataPlane, reference: list[list[int]]
+) -> None:
+    """Turn 2 is turn 1's prompt, its answer and a new question: the router sends it to the
+    decode worker that served turn 1, which holds 4 full blocks of it (64 tokens, the answer's
+    included), and the prefill worker sends the K/V of the rest only."""
+    first = PROMPTS[2]
+    assert greedy_tokens(pd, first) == reference[2]
+    second = first + reference[2] + list(b" and then?")
+    expected = generate_greedy(MoEDecoder(MODEL_PRESETS["tiny"], seed=0), second, MAX_TOKENS)
+    hits = counter_total(pd, "decode", "vllm:prefix_cache_hits_total")
+    sent = counter_total(pd, "decode", "kleave:kv_transfer_bytes_total")
+    assert greedy_tokens(pd, second) == expected
+    held = counter_total(pd, "decode", "vllm:prefix_cache_hits_total") - hits
+    per_token = MODEL_PRESETS["tiny"].kv_bytes_per_token
+    tokens_sent = (counter_total(pd, "decode", "kleave:kv_transfer_bytes_total") - sent) / per_token
+    assert held == 64
+    assert tokens_sent == len(second) - 64
+
+
 def test_pdaf_processes_generate_exactly_generate_greedys_tokens(
     pdaf: LocalDataPlane, reference: list[list[int]]
 ) -> None:

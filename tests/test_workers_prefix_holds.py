@@ -322,7 +322,7 @@ def test_pd_sends_only_what_the_decode_worker_lacks(
     worker holds the system prompt's 3 blocks after the first, so the next two send the K/V
     of their own tokens only; without prefix caching on it every token is sent."""
     expected = [generate_greedy(tiny, prompt, 12) for prompt in QUESTIONS]
-    per_token = 2 * CONFIG.num_layers * CONFIG.num_kv_heads * CONFIG.head_dim * 4  # float32
+    per_token = CONFIG.kv_bytes_per_token
 
     async def scenario() -> tuple[list[list[int]], list[float], float]:
         async with plane(topology) as p:
