@@ -145,3 +145,28 @@ def test_pd_with_batched_prefills_decodes_generate_greedys_tokens(
     tokens, batches = run(scenario())
     assert tokens == expected
     assert batches < len(prompts)
+
+
+def test_stopping_fails_the_batch_in_flight_and_refuses_new_prompts() -> None:
+    async def scenario() -> None:
+        thread = ModelThread()
+        release = threading.Event()
+
+        def compute(jobs: list[PrefillJob]) -> None:
+            release.wait(10)
+
+        batcher = PrefillBatcher(thread, compute, max_tokens=100, max_jobs=3)
+        batcher.start()
+        sender: Any = RecordingSender()
+        running = asyncio.create_task(batcher.run(PrefillJob("a", [1] * 5, sender)))
+        await asyncio.sleep(0.05)
+        assert batcher.running == 1
+        await batcher.stop()
+        with pytest.raises(RuntimeError, match="shutting down"):
+            await running
+        with pytest.raises(RuntimeError, match="not running"):
+            await batcher.run(PrefillJob("b", [1] * 5, sender))
+        release.set()
+        thread.close()
+
+    run(scenario())

@@ -227,6 +227,103 @@ def test_blocks_needed_now_unpin_holds_and_their_requests_recompute_exactly(
     assert engine.cache.free_blocks == engine.cache.num_blocks
 
 
+def test_a_request_blocked_by_a_taken_hold_waits_without_spinning(
+    tiny: MoEDecoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "b" took its hold (its K/V are on the way), so "c", which needs all 8 blocks, cannot
+    run yet: the loop waits instead of retrying, and "c" runs once "b"'s hold comes back."""
+    calls = 0
+    unpin = Engine._unpin
+
+    def counted(self: Engine, head: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        return unpin(self, head)
+
+    monkeypatch.setattr(Engine, "_unpin", counted)
+
+    async def scenario() -> tuple[int, list[int]]:
+        engine, _ = make_engine(tiny, 8)
+        engine.start()
+        try:
+            first, kv = whole_kv(tiny, QUESTIONS[0])
+            await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
+            assert engine.hold_prefix("b", QUESTIONS[1], ttl_s=3600.0) == 48
+            hold = engine.holds.take("b")
+            params = SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=())
+            blocked = asyncio.create_task(
+                tokens_of(engine.submit("c", [BOS, *range(1, 100)], params))
+            )
+            await asyncio.sleep(0.3)
+            waited = calls
+            assert not blocked.done()
+            engine.give_back(hold)  # "b" failed to arrive
+            out = await asyncio.wait_for(blocked, timeout=30.0)
+            await settled(engine)
+            return waited, out
+        finally:
+            await engine.stop()
+
+    waited, out = run(scenario())
+    assert waited <= 3  # spinning, it was tens of thousands
+    assert len(out) == 20
+
+
+def test_a_hold_is_not_used_for_another_prompt(tiny: MoEDecoder) -> None:
+    """A generate call whose prompt is not the one the hold was made for gets no held
+    blocks: its whole K/V are used, and it decodes its own generate_greedy tokens."""
+    other = [BOS, *range(1, 70)]
+    expected = generate_greedy(tiny, other, 10)
+
+    async def scenario() -> tuple[list[int], Engine]:
+        engine, _ = make_engine(tiny, 32)
+        engine.start()
+        try:
+            first, kv = whole_kv(tiny, QUESTIONS[0])
+            await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
+            assert engine.hold_prefix("b", QUESTIONS[1], ttl_s=3600.0) == 48
+            first, kv = whole_kv(tiny, other)
+            hold = engine.holds.take("b")
+            tokens = await tokens_of(
+                engine.submit("b", other, GREEDY, first_token=first, kv=kv, hold=hold)
+            )
+            await settled(engine)
+            return tokens, engine
+        finally:
+            await engine.stop()
+
+    tokens, engine = run(scenario())
+    assert tokens == expected
+    assert engine.cache.free_blocks == engine.cache.num_blocks
+
+
+def test_an_untaken_hold_gives_way_before_a_running_request_is_preempted(
+    tiny: MoEDecoder,
+) -> None:
+    """8 blocks, 3 of them held for "h": "r" grows to 100 tokens (7 blocks) while running;
+    the hold is dropped for it, and nothing is preempted."""
+    prompt = [BOS, *range(1, 40)]
+    params = SamplingParams(max_tokens=60, temperature=0.0, stop_token_ids=())
+    expected = generate_greedy(tiny, prompt, 60)
+
+    async def scenario() -> tuple[list[int], float, Engine]:
+        engine, metrics = make_engine(tiny, 8)
+        engine.start()
+        try:
+            first, kv = whole_kv(tiny, QUESTIONS[0])
+            await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
+            assert engine.hold_prefix("h", QUESTIONS[1], ttl_s=3600.0) == 48
+            tokens = await tokens_of(engine.submit("r", prompt, params))
+            preempted = metrics.registry.get_sample_value("vllm:num_preemptions_total", LABELS)
+            await settled(engine)
+            return tokens, preempted or 0.0, engine
+        finally:
+            await engine.stop()
+
+    tokens, preempted, engine = run(scenario())
+    assert tokens == expected and preempted == 0.0 and len(engine.holds) == 0
+
+
 def test_a_finished_answer_stays_cached_for_the_next_turn(tiny: MoEDecoder) -> None:
     """Turn 2's prompt is turn 1's prompt, its answer and a new question: the 5 full blocks
     of turn 1's prompt and answer are reused (only the prompt's 3 without output caching)."""
@@ -274,7 +371,8 @@ def test_the_index_finds_the_worker_holding_the_longest_run_of_blocks() -> None:
     assert len(index) == 6  # the 3 system blocks are shared keys
     index.record("http://c", index.keys([BOS, *range(60)]))  # 3 new keys: 9 > 8, one goes
     assert len(index) == 8
-    assert index.longest(index.keys(turn_2), {"http://a"}) == (set(), 0)  # its head was oldest
+    # recorded tails first, so the oldest key was turn 2's last block, not its first
+    assert index.longest(index.keys(turn_2), {"http://a"}) == ({"http://a"}, 5)
     index.forget("http://c")
     assert len(index) == 5
 

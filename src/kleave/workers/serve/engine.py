@@ -284,8 +284,14 @@ class Engine:
             raise ValueError("a request with received KV needs both kv and first_token")
         if hold is not None and kv is None:
             raise ValueError("a prefix hold is for a request with received KV")
+        if hold is not None and tuple(prompt[: hold.tokens]) != hold.prefix:
+            log.warning("request %s: its prompt is not the one its prefix was held for", request_id)
+            self.give_back(hold)
+            hold = None
         held = hold.tokens if hold is not None else 0
         if kv is not None:
+            if kv_start < 0:
+                raise RejectedRequestError("kv", f"received K/V start at token {kv_start}")
             self._check_kv(kv, len(prompt), kv_start)
             if kv_start <= held:  # the held prefix and more (a sender that ignored the hold)
                 kv = [(k[held - kv_start :], v[held - kv_start :]) for k, v in kv]
@@ -351,17 +357,20 @@ class Engine:
     async def _loop(self) -> None:
         try:
             while True:
+                self._wake.clear()  # whatever happens from here on wakes the waits below
                 self._reap()
                 self.holds.expire(self.cache)
                 if not self._running and not self._prefilling and not self._waiting:
                     self._gauges()
-                    self._wake.clear()
                     await self._wake.wait()
                     continue
                 await self._admit()
                 await self._prefill_chunks()
                 if self._running:
                     await self._step()
+                elif not self._prefilling:  # nothing fits: requests receiving K/V hold blocks
+                    self._gauges()
+                    await self._wake.wait()  # until one comes, gives its hold back or goes
                 self._gauges()
                 await asyncio.sleep(0)  # let handlers read the tokens just queued
         except asyncio.CancelledError:
@@ -419,7 +428,8 @@ class Engine:
     def _unpin(self, head: _Sequence) -> bool:
         """Nothing runs and `head` does not fit: what holds pin goes (untaken holds, and
         the blocks of the requests waiting behind it, which are then recomputed); -> whether
-        `head` fits now (it always does: `check` sized it against an empty cache)."""
+        `head` fits now. It does (`check` sized it against an empty cache) unless requests
+        still receiving their K/V hold blocks: the loop then waits for them."""
         self.holds.drop_all(self.cache)
         for seq in self._waiting:
             if seq is not head and seq.seq_id in self.cache:
@@ -513,6 +523,9 @@ class Engine:
             if seq not in self._running:
                 continue  # preempted below for an older sequence
             while not self.cache.can_allocate(seq.context_tokens, seq.seq_id):
+                if self.holds.droppable:  # an untaken hold gives way before a running request
+                    self.holds.drop_all(self.cache)
+                    continue
                 victim = self._running[-1]
                 self._preempt(victim)
                 if victim is seq:

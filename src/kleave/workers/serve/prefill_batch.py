@@ -166,14 +166,14 @@ class PrefillBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for queued in self._queue:
-            if not queued.done.done():
-                queued.done.set_exception(RuntimeError("the prefill worker is shutting down"))
+        _settle(list(self._queue), RuntimeError("the prefill worker is shutting down"))
         self._queue.clear()
 
     async def run(self, job: PrefillJob) -> None:
         """Prefill `job` in the next batch that has room for it (its fields then hold the
         outcome); an exception of the whole pass is raised here."""
+        if self._task is None or self._task.done():
+            raise RuntimeError("the prefill worker's batcher is not running")
         queued = _Queued(job, asyncio.get_running_loop().create_future())
         self._queue.append(queued)
         self._wake.set()
@@ -212,13 +212,22 @@ class PrefillBatcher:
             try:
                 await self.thread.run(self.compute, [queued.job for queued in batch])
             except Exception as error:
-                for queued in batch:
-                    if not queued.done.done():
-                        queued.done.set_exception(error)
+                _settle(batch, error)
+            except BaseException:  # cancelled: the batch fails too, then the loop stops
+                _settle(batch, RuntimeError("the prefill worker is shutting down"))
+                raise
             else:
-                for queued in batch:
-                    if not queued.done.done():
-                        queued.done.set_result(None)
+                _settle(batch, None)
             finally:
                 self.running = 0
                 self.on_change()
+
+
+def _settle(batch: list[_Queued], error: BaseException | None) -> None:
+    for queued in batch:
+        if queued.done.done():
+            continue
+        if error is None:
+            queued.done.set_result(None)
+        else:
+            queued.done.set_exception(error)

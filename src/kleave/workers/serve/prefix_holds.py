@@ -27,12 +27,14 @@ from kleave.workers.kv_cache import PagedKVCache
 
 @dataclass(frozen=True)
 class Hold:
-    """`tokens` cached prompt tokens pinned as sequence `seq_id` for one request."""
+    """`tokens` cached prompt tokens pinned as sequence `seq_id` for one request; `prefix`
+    is those tokens, so a request with another prompt cannot use them."""
 
     request_id: str
     seq_id: int
     tokens: int
     deadline: float
+    prefix: tuple[int, ...]
 
 
 class PrefixHolds:
@@ -50,6 +52,11 @@ class PrefixHolds:
     def work(self) -> bool:
         """Whether the loop has blocks to free."""
         return bool(self._to_free)
+
+    @property
+    def droppable(self) -> bool:
+        """Whether `drop_all` would free anything."""
+        return bool(self._held or self._to_free)
 
     def make(
         self,
@@ -70,7 +77,9 @@ class PrefixHolds:
             cache.free(seq_id)
             return 0
         now = time.monotonic() if now is None else now
-        self._held[request_id] = Hold(request_id, seq_id, cached, now + ttl_s)
+        self._held[request_id] = Hold(
+            request_id, seq_id, cached, now + ttl_s, tuple(prompt[:cached])
+        )
         return cached
 
     def take(self, request_id: str) -> Hold | None:

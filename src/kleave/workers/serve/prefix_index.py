@@ -41,8 +41,9 @@ class PrefixIndex:
         return reusable_keys(tokens, self.block_size)
 
     def record(self, worker: str, keys: Sequence[bytes]) -> None:
-        """`worker` was sent (and so now caches) the prefix these keys name."""
-        for key in keys:
+        """`worker` was sent (and so now caches) the prefix these keys name. Tails first, so
+        a chain's start is its most recently used key and is evicted last."""
+        for key in reversed(keys):
             owners = self._owners.get(key)
             if owners is None:
                 owners = self._owners[key] = set()

@@ -131,16 +131,23 @@ class Generation:
             total=None, connect=5.0, sock_read=router.options.worker_timeout_s
         )
         self._check_fits(decode)
+        held = 0
         if plan.topology != "Colocated":
-            body["first_token"] = await self._prefill(request_id, decode, avoid, timeout)
+            body["first_token"], held = await self._prefill(request_id, decode, avoid, timeout)
         output: list[int] = []
-        with router.track(decode):
-            async for event in stream_events(router.session, decode, "/v1/generate", body, timeout):
-                if "token" in event:
-                    output.append(int(event["token"]))
-                    yield output[-1]
-                elif "finish_reason" in event:
-                    self.finish_reason = str(event["finish_reason"])
+        try:
+            with router.track(decode):
+                events = stream_events(router.session, decode, "/v1/generate", body, timeout)
+                async for event in events:
+                    if "token" in event:
+                        output.append(int(event["token"]))
+                        yield output[-1]
+                    elif "finish_reason" in event:
+                        self.finish_reason = str(event["finish_reason"])
+        except BaseException:
+            if held:  # in case the generate call never took it (a hold taken is not released)
+                router.release_later(decode, request_id)
+            raise
         router.record(decode, request.prompt_tokens + output)  # its cache keeps the answer too
 
     def _check_fits(self, decode: WorkerState) -> None:
@@ -169,7 +176,8 @@ class Generation:
         decode: WorkerState,
         avoid: set[WorkerState],
         timeout: aiohttp.ClientTimeout,
-    ) -> int:
+    ) -> tuple[int, int]:
+        """-> (the first token, the prompt tokens the decode worker holds)."""
         router, request = self.router, self.request
         kv = decode.kv_address
         if kv is None:
@@ -201,7 +209,7 @@ class Generation:
                 raise WorkerFailedError(
                     decode, f"did not take the K/V from {choice.worker.url}: {error.detail}"
                 ) from None
-        return int(result["first_token"])
+        return int(result["first_token"]), held
 
     async def _hold(self, request_id: str, decode: WorkerState) -> int:
         """Have the decode worker pin the prompt's prefix its cache holds; -> its tokens,
