@@ -16,10 +16,11 @@ the cache, its last output token to be fed next):
   prefill worker's first token is the first output. With prefix caching the received prompt's
   blocks are registered like a computed one's, and a prefix this cache already holds is not
   received at all: ``hold_prefix`` pins it before the prefill (``prefix_holds``), the prefill
-  worker sends the K/V after it, and the request takes the hold over. A hold is never a
-  reason to wait: when blocks run out with nothing running, untaken holds are dropped and
-  waiting requests give up their blocks, and a request whose hold is gone (dropped, expired)
-  is recomputed like a preempted one (below), not failed;
+  worker sends the K/V after it, and the request takes the hold over. Untaken holds give
+  way to anything that needs blocks (a running sequence's next block, or with nothing
+  running the queue's head, for which waiting requests give up theirs too), and a request
+  whose hold is gone (dropped, expired) is recomputed like a preempted one (below), not
+  failed; only holds taken by requests whose K/V are arriving are waited for;
 * preempted: when a running sequence needs a block and none is free, the youngest running
   sequence is evicted (its blocks freed, its output kept) and later recomputed by a prefill
   over prompt + output, as vLLM's recompute preemption does. Greedy output stays the same.
