@@ -13,11 +13,10 @@ its ``param``, so the router retries on another decode worker rather than blamin
 
 Prefills run first come first served, several prompts in one pass when several wait
 (``prefill_batch``: up to ``--max-prefill-tokens`` prompt tokens and ``--max-num-seqs`` prompts
-a batch), so a burst of short prompts shares the FFN's GEMMs instead of queueing one by
+a batch), so a burst of short prompts shares the model's GEMMs instead of queueing one by
 one. A prompt's longest cached prefix (the ``PrefixCache`` of recent prompts' full blocks) is
-not recomputed, only sent. Connections to
-decode workers are kept and reused; one that failed is dropped and dialled again on the next
-request.
+not recomputed, only sent. Connections to decode workers are kept and reused; one that failed
+is dropped and dialled again on the next request.
 """
 
 from __future__ import annotations
