@@ -228,6 +228,7 @@ class Generation:
         try:
             result = await post_json(router.session, decode, "/v1/kv/hold", body, PROBE_TIMEOUT)
         except WorkerFailedError:
+            router.release_later(decode, request_id)  # it may have held it before timing out
             raise
         except ApiError as error:  # an optimisation: without it, all the K/V are sent
             log.warning("request %s: %s did not hold its prefix: %s", request_id, decode.url, error)
