@@ -14,7 +14,6 @@ the benchmark fails.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ import aiohttp
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.workers_cpu import stream_completion
 from kleave.workers.serve.local import LocalDataPlane
 
 MODEL = os.environ.get("KLEAVE_BENCH_MODEL", "tiny")
@@ -58,33 +58,8 @@ def _tokens(seed: int, count: int) -> list[int]:
 async def _turn(
     session: aiohttp.ClientSession, url: str, prompt: list[int]
 ) -> tuple[list[int], float]:
-    body = {
-        "model": MODEL,
-        "prompt": prompt,
-        "max_tokens": OSL,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "return_token_ids": True,
-    }
-    sent = time.perf_counter()
-    first = 0.0
-    answer: list[int] = []
-    async with session.post(f"{url}/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for raw in response.content:
-            line = raw.decode().strip()
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            for choice in chunk["choices"]:
-                got = choice.get("token_ids", [])
-                if got:
-                    first = first or time.perf_counter()
-                    answer += got
-    if len(answer) != OSL:
-        raise RuntimeError(f"expected {OSL} tokens, streamed {len(answer)}")
-    return answer, first - sent
+    answer, ttft, _ = await stream_completion(session, url, MODEL, prompt, OSL)
+    return answer, ttft
 
 
 async def _conversation(

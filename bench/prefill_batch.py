@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from bench.prefix_cache import DroppingSender
 from kleave.workers.config import MODEL_PRESETS
 from kleave.workers.model import MoEDecoder
 from kleave.workers.serve.prefill_batch import PrefillJob, prefill_jobs
@@ -26,16 +27,11 @@ BATCHES = tuple(int(b) for b in os.environ.get("KLEAVE_BENCH_BATCH_SIZES", "4,16
 REPEATS = int(os.environ.get("KLEAVE_BENCH_BATCH_REPEATS", "3"))
 
 
-class _DroppingSender:
-    def send_layer(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        del request_id, layer, k, v
-
-
 def _jobs(batch: int, vocab: int) -> list[PrefillJob]:
     g = torch.Generator().manual_seed(batch)
     return [
         PrefillJob(
-            f"r{i}", torch.randint(1, vocab, (PROMPT,), generator=g).tolist(), _DroppingSender()
+            f"r{i}", torch.randint(1, vocab, (PROMPT,), generator=g).tolist(), DroppingSender()
         )
         for i in range(batch)
     ]

@@ -2,7 +2,7 @@
 
 One `small` (about 1B parameters) or `tiny` model in this process, one torch thread (as a
 worker runs). Each request is a `SYSTEM`-token shared prefix plus `QUESTION` tokens of its
-own; we time `prefill_and_send` as the prefill worker runs it (with a KV sender that drops
+own; we time `prefill_jobs` as the prefill worker runs it (with a KV sender that drops
 the bytes, so only the model and the cache are measured), median over the requests after
 the first, cache on vs off, in the same run.
 """
@@ -20,7 +20,7 @@ import torch
 from kleave.workers.config import MODEL_PRESETS
 from kleave.workers.model import MoEDecoder
 from kleave.workers.prefix_cache import PrefixCache
-from kleave.workers.serve.prefill_batch import prefill_and_send
+from kleave.workers.serve.prefill_batch import PrefillJob, prefill_jobs
 
 PRESET = os.environ.get("KLEAVE_BENCH_PREFIX_MODEL", "small")
 SYSTEM = int(os.environ.get("KLEAVE_BENCH_PREFIX_SYSTEM", "448"))
@@ -28,7 +28,7 @@ QUESTION = int(os.environ.get("KLEAVE_BENCH_PREFIX_QUESTION", "64"))
 REQUESTS = int(os.environ.get("KLEAVE_BENCH_PREFIX_REQUESTS", "5"))
 
 
-class _DroppingSender:
+class DroppingSender:
     """Stands in for KVSender.send_layer: the transfer is measured in bench kv."""
 
     def send_layer(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -46,10 +46,12 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 def _run(model: MoEDecoder, prompts: list[list[int]], cache: PrefixCache | None) -> dict[str, Any]:
     times, cached = [], []
-    sender: Any = _DroppingSender()
+    sender: Any = DroppingSender()
     for i, prompt in enumerate(prompts):
         start = time.perf_counter()
-        _, hit = prefill_and_send(model, prompt, sender, f"r{i}", cache)
+        job = PrefillJob(f"r{i}", prompt, sender)
+        prefill_jobs(model, [job], cache)
+        hit = job.cached
         if i:
             times.append(time.perf_counter() - start)
             cached.append(hit)

@@ -73,11 +73,15 @@ def _prompt(client: int, index: int) -> list[int]:
     return [(7 * client + 13 * index + 31 * i) % 256 for i in range(ISL)]
 
 
-async def _request(session: aiohttp.ClientSession, url: str, prompt: list[int]) -> Sample:
+async def stream_completion(
+    session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int
+) -> tuple[list[int], float, float]:
+    """Exactly `max_tokens` greedy tokens streamed through the router's completions API;
+    -> (tokens, seconds to the first, seconds to the last), from the request's sending."""
     body = {
-        "model": MODEL,
+        "model": model,
         "prompt": prompt,
-        "max_tokens": OSL,
+        "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
@@ -85,7 +89,7 @@ async def _request(session: aiohttp.ClientSession, url: str, prompt: list[int]) 
     }
     sent = time.perf_counter()
     first = last = 0.0
-    tokens = 0
+    tokens: list[int] = []
     async with session.post(f"{url}/v1/completions", json=body) as response:
         response.raise_for_status()
         async for raw in response.content:
@@ -93,14 +97,19 @@ async def _request(session: aiohttp.ClientSession, url: str, prompt: list[int]) 
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line.removeprefix("data: "))
-            got = sum(len(c.get("token_ids", [])) for c in chunk["choices"])
+            got = [t for c in chunk["choices"] for t in c.get("token_ids", [])]
             if got:
                 last = time.perf_counter()
                 first = first or last
                 tokens += got
-    if tokens != OSL:
-        raise RuntimeError(f"expected {OSL} tokens, streamed {tokens}")
-    return Sample(first - sent, (last - first) / max(1, tokens - 1), tokens)
+    if len(tokens) != max_tokens:
+        raise RuntimeError(f"expected {max_tokens} tokens, streamed {len(tokens)}")
+    return tokens, first - sent, last - sent
+
+
+async def _request(session: aiohttp.ClientSession, url: str, prompt: list[int]) -> Sample:
+    tokens, first, last = await stream_completion(session, url, MODEL, prompt, OSL)
+    return Sample(first, (last - first) / max(1, len(tokens) - 1), len(tokens))
 
 
 async def _load(url: str, concurrency: int) -> tuple[list[Sample], float]:

@@ -26,13 +26,9 @@ from kleave.workers.serve.prefill_server import PrefillServer
 from kleave.workers.tokenizer import BOS
 from test_workers_serve import completion_tokens, plane, run
 
+pytest_plugins = ("workers_fixtures",)  # the `model` and `reference` fixtures
 CONFIG = MODEL_PRESETS["tiny"]
 SYSTEM = [BOS, *b"You are kleave's test assistant; answer briefly."]
-
-
-@pytest.fixture(scope="module")
-def tiny() -> MoEDecoder:
-    return MoEDecoder(CONFIG, seed=0)
 
 
 class RecordingSender:
@@ -48,22 +44,22 @@ class RecordingSender:
         self.layers[request_id, layer] = (k.clone(), v.clone())
 
 
-def test_prompts_prefilled_together_match_each_alone(tiny: MoEDecoder) -> None:
+def test_prompts_prefilled_together_match_each_alone(model: MoEDecoder) -> None:
     """Three prompts in one pass: one with a prefix-cache hit, one whose decode worker holds
     its first 16 tokens (skip), one short; each gets its own logits and K/V."""
     cache = PrefixCache(block_size=16, capacity_bytes=1 << 20)
     prompts = [SYSTEM + list(b"What is PD?"), [BOS, *range(1, 40)], [BOS, *b"hi"]]
     warm = RecordingSender()
-    prefill_jobs(tiny, [PrefillJob("warm", SYSTEM + list(b"warm"), warm)], cache)
+    prefill_jobs(model, [PrefillJob("warm", SYSTEM + list(b"warm"), warm)], cache)
     senders = [RecordingSender() for _ in prompts]
     jobs = [
         PrefillJob(f"r{i}", prompt, sender, skip=16 if i == 1 else 0)
         for i, (prompt, sender) in enumerate(zip(prompts, senders, strict=True))
     ]
-    prefill_jobs(tiny, jobs, cache)
+    prefill_jobs(model, jobs, cache)
     assert [job.cached for job in jobs] == [48, 0, 0]
     for job, sender, prompt in zip(jobs, senders, prompts, strict=True):
-        logits, kv = tiny.prefill(torch.tensor(prompt))
+        logits, kv = model.prefill(torch.tensor(prompt))
         assert job.error is None and job.logits is not None
         torch.testing.assert_close(job.logits, logits, rtol=0, atol=1e-5)
         for layer, (k, v) in enumerate(kv):
@@ -72,10 +68,10 @@ def test_prompts_prefilled_together_match_each_alone(tiny: MoEDecoder) -> None:
             torch.testing.assert_close(sent_v, v[job.skip :], rtol=0, atol=1e-5)
 
 
-def test_a_failing_sender_fails_only_its_prompt(tiny: MoEDecoder) -> None:
+def test_a_failing_sender_fails_only_its_prompt(model: MoEDecoder) -> None:
     good, bad = RecordingSender(), RecordingSender(fail_at_layer=1)
     jobs = [PrefillJob("good", [BOS, *range(30)], good), PrefillJob("bad", [BOS, *range(20)], bad)]
-    prefill_jobs(tiny, jobs, None)
+    prefill_jobs(model, jobs, None)
     assert jobs[0].error is None and len(good.layers) == CONFIG.num_layers
     assert isinstance(jobs[1].error, ConnectionResetError)
     assert set(bad.layers) == {("bad", 0)}  # nothing after the failure
@@ -126,13 +122,13 @@ def test_the_queue_batches_in_order_within_its_limits() -> None:
 
 @pytest.mark.parametrize("prefill_ranks", [1, 2])
 def test_pd_with_batched_prefills_decodes_generate_greedys_tokens(
-    tiny: MoEDecoder, prefill_ranks: int
+    model: MoEDecoder, prefill_ranks: int
 ) -> None:
     """Eight requests at once through PD: the prefill worker (one process, or a tensor
     parallel group of two, which batches prompt by prompt) runs them in fewer passes than
     prompts, and every request still decodes generate_greedy's tokens."""
     prompts = [[BOS, *range(1 + i, 30 + 3 * i)] for i in range(8)]
-    expected = [generate_greedy(tiny, prompt, 8) for prompt in prompts]
+    expected = [generate_greedy(model, prompt, 8) for prompt in prompts]
 
     async def scenario() -> tuple[list[list[int]], int]:
         async with plane("PD", tensor_parallel={"prefill": prefill_ranks}) as p:

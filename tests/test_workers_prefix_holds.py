@@ -7,6 +7,8 @@ block stays pinned afterwards.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -22,24 +24,21 @@ from kleave.workers.model import MoEDecoder, generate_greedy
 from kleave.workers.serve.decode_server import DecodeServer
 from kleave.workers.serve.engine import Engine, RejectedRequestError, TokenEvent
 from kleave.workers.serve.http import ApiError
+from kleave.workers.serve.metrics import WorkerMetrics
 from kleave.workers.serve.prefill_server import PrefillServer
-from kleave.workers.serve.prefix_holds import PrefixHolds
+from kleave.workers.serve.prefix_holds import Hold, PrefixHolds
 from kleave.workers.serve.prefix_index import PrefixIndex
 from kleave.workers.serve.routing import WorkerState, choose_by_prefix
 from kleave.workers.serve.sampling import SamplingParams
 from kleave.workers.tokenizer import BOS
 from test_workers_serve import completion_tokens, make_engine, plane, post, run
 
+pytest_plugins = ("workers_fixtures",)  # the `model` and `reference` fixtures
 CONFIG = MODEL_PRESETS["tiny"]
 SYSTEM = [BOS, *b"You are kleave's test assistant; answer briefly."]  # 50 tokens: 3 full blocks
 QUESTIONS = [SYSTEM + list(b"What is PD?"), SYSTEM + list(b"And PDAF?"), SYSTEM + list(b"PD?")]
 LABELS = {"model_name": "tiny", "engine": "0"}
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, stop_token_ids=())
-
-
-@pytest.fixture(scope="module")
-def tiny() -> MoEDecoder:
-    return MoEDecoder(CONFIG, seed=0)
 
 
 def whole_kv(model: MoEDecoder, prompt: list[int]) -> tuple[int, list[tuple[Any, Any]]]:
@@ -58,6 +57,36 @@ async def settled(engine: Engine) -> None:
 
 async def tokens_of(stream: Any) -> list[int]:
     return [event.token async for event in stream if isinstance(event, TokenEvent)]
+
+
+@asynccontextmanager
+async def running(model: MoEDecoder, blocks: int) -> AsyncIterator[tuple[Engine, WorkerMetrics]]:
+    """A started engine over a cache of `blocks` blocks, stopped on the way out."""
+    engine, metrics = make_engine(model, blocks)
+    engine.start()
+    try:
+        yield engine, metrics
+    finally:
+        await engine.stop()
+
+
+async def receive(
+    engine: Engine,
+    model: MoEDecoder,
+    request_id: str,
+    prompt: list[int],
+    *,
+    start: int = 0,
+    hold: Hold | None = None,
+) -> list[int]:
+    """Submit `prompt` as a decode worker gets it from a prefill worker: its first token and
+    its K/V from position `start` (after `hold`'s tokens); -> the tokens it decodes."""
+    first, kv = whole_kv(model, prompt)
+    tail = [(k[start:], v[start:]) for k, v in kv]
+    stream = engine.submit(
+        request_id, prompt, GREEDY, first_token=first, kv=tail, kv_start=start, hold=hold
+    )
+    return await tokens_of(stream)
 
 
 # ----- the bookkeeping, on a cache alone ----------------------------------------------------
@@ -90,38 +119,25 @@ def test_a_hold_pins_its_blocks_until_released_or_expired() -> None:
 
 # ----- the engine -----------------------------------------------------------------------------
 def test_received_kv_is_cached_and_a_held_prefix_is_not_received_again(
-    tiny: MoEDecoder,
+    model: MoEDecoder,
 ) -> None:
     """The first request arrives with its whole K/V; the next ones hold the 48 tokens of the
     system prompt's blocks and arrive with the K/V after them; all decode exactly."""
-    expected = [generate_greedy(tiny, prompt, 10) for prompt in QUESTIONS]
+    expected = [generate_greedy(model, prompt, 10) for prompt in QUESTIONS]
 
     async def scenario() -> tuple[list[list[int]], list[int], Engine, float]:
-        engine, metrics = make_engine(tiny, 32)
-        engine.start()
-        try:
+        async with running(model, 32) as (engine, metrics):
             outputs, held = [], []
             for index, prompt in enumerate(QUESTIONS):
                 cached = engine.hold_prefix(f"r{index}", prompt, ttl_s=30.0)
                 hold = engine.holds.take(f"r{index}")
-                first, kv = whole_kv(tiny, prompt)
-                tail = [(k[cached:], v[cached:]) for k, v in kv]
-                stream = engine.submit(
-                    f"r{index}",
-                    prompt,
-                    GREEDY,
-                    first_token=first,
-                    kv=tail,
-                    kv_start=cached,
-                    hold=hold,
+                outputs.append(
+                    await receive(engine, model, f"r{index}", prompt, start=cached, hold=hold)
                 )
-                outputs.append(await tokens_of(stream))
                 held.append(cached)
             hits = metrics.registry.get_sample_value("vllm:prefix_cache_hits_total", LABELS)
             await settled(engine)
             return outputs, held, engine, hits or 0.0
-        finally:
-            await engine.stop()
 
     outputs, held, engine, hits = run(scenario())
     assert outputs == expected
@@ -130,27 +146,20 @@ def test_received_kv_is_cached_and_a_held_prefix_is_not_received_again(
 
 
 def test_whole_kv_from_a_sender_that_ignored_the_hold_is_used_after_it(
-    tiny: MoEDecoder,
+    model: MoEDecoder,
 ) -> None:
     """A prefill worker that predates holds sends the whole prompt's K/V: the engine uses
     them from the hold's end (exact tokens). K/V of the wrong length are refused and the
     hold is given back; a second hold for one request is refused."""
-    expected = generate_greedy(tiny, QUESTIONS[1], 10)
+    expected = generate_greedy(model, QUESTIONS[1], 10)
 
     async def scenario() -> tuple[list[int], Engine]:
-        engine, _ = make_engine(tiny, 32)
-        engine.start()
-        try:
-            first, kv = whole_kv(tiny, QUESTIONS[0])
-            await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
+        async with running(model, 32) as (engine, _):
+            await receive(engine, model, "a", QUESTIONS[0])
             assert engine.hold_prefix("b", QUESTIONS[1], ttl_s=30.0) == 48
-            first_b, kv_b = whole_kv(tiny, QUESTIONS[1])
-            hold = engine.holds.take("b")
-            stream = engine.submit(
-                "b", QUESTIONS[1], GREEDY, first_token=first_b, kv=kv_b, hold=hold
-            )
-            tokens = await tokens_of(stream)
+            tokens = await receive(engine, model, "b", QUESTIONS[1], hold=engine.holds.take("b"))
             assert engine.hold_prefix("c", QUESTIONS[1], ttl_s=30.0) == 48
+            first, kv = whole_kv(model, QUESTIONS[0])
             with pytest.raises(RejectedRequestError, match="expected"):
                 engine.submit(
                     "c", QUESTIONS[1], GREEDY, first_token=first, kv=kv, hold=engine.holds.take("c")
@@ -161,28 +170,21 @@ def test_whole_kv_from_a_sender_that_ignored_the_hold_is_used_after_it(
             assert engine.release_hold("d")
             await settled(engine)
             return tokens, engine
-        finally:
-            await engine.stop()
 
     tokens, engine = run(scenario())
     assert tokens == expected
     assert engine.cache.free_blocks == engine.cache.num_blocks and len(engine.holds) == 0
 
 
-def test_a_hold_nobody_takes_ends_at_its_ttl(tiny: MoEDecoder) -> None:
+def test_a_hold_nobody_takes_ends_at_its_ttl(model: MoEDecoder) -> None:
     async def scenario() -> tuple[int, Engine]:
-        engine, _ = make_engine(tiny, 32)
-        engine.start()
-        try:
-            first, kv = whole_kv(tiny, QUESTIONS[0])
-            await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
+        async with running(model, 32) as (engine, _):
+            await receive(engine, model, "a", QUESTIONS[0])
             held = engine.hold_prefix("b", QUESTIONS[1], ttl_s=0.2)
             assert len(engine.holds) == 1
             await asyncio.sleep(0.3)  # the idle loop wakes at the deadline by itself
             await settled(engine)
             return held, engine
-        finally:
-            await engine.stop()
 
     held, engine = run(scenario())
     assert held == 48 and len(engine.holds) == 0
@@ -190,37 +192,27 @@ def test_a_hold_nobody_takes_ends_at_its_ttl(tiny: MoEDecoder) -> None:
 
 
 def test_blocks_needed_now_unpin_holds_and_their_requests_recompute_exactly(
-    tiny: MoEDecoder,
+    model: MoEDecoder,
 ) -> None:
     """8 blocks: "b" holds 3 of them, then "c" needs all 8 with nothing running. "c" runs
     (the hold is dropped, not waited out), and "b"'s K/V tail, arriving after, no longer
     has its prefix: "b" is recomputed and still gets generate_greedy's tokens."""
     long_prompt = [BOS, *range(1, 100)]
-    expected = generate_greedy(tiny, QUESTIONS[1], 10)
+    expected = generate_greedy(model, QUESTIONS[1], 10)
 
     async def scenario() -> tuple[list[int], int, Engine]:
-        engine, _ = make_engine(tiny, 8)
-        engine.start()
-        try:
-            first, kv = whole_kv(tiny, QUESTIONS[0])
-            await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
+        async with running(model, 8) as (engine, _):
+            await receive(engine, model, "a", QUESTIONS[0])
             held = engine.hold_prefix("b", QUESTIONS[1], ttl_s=3600.0)
             params = SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=())
             out = await asyncio.wait_for(
                 tokens_of(engine.submit("c", long_prompt, params)), timeout=30.0
             )
             assert len(out) == 20 and len(engine.holds) == 0
-            first, kv = whole_kv(tiny, QUESTIONS[1])
-            tail = [(k[held:], v[held:]) for k, v in kv]
             hold = engine.holds.take("b")
-            stream = engine.submit(
-                "b", QUESTIONS[1], GREEDY, first_token=first, kv=tail, kv_start=held, hold=hold
-            )
-            tokens = await tokens_of(stream)
+            tokens = await receive(engine, model, "b", QUESTIONS[1], start=held, hold=hold)
             await settled(engine)
             return tokens, held, engine
-        finally:
-            await engine.stop()
 
     tokens, held, engine = run(scenario())
     assert held == 48 and tokens == expected
@@ -228,7 +220,7 @@ def test_blocks_needed_now_unpin_holds_and_their_requests_recompute_exactly(
 
 
 def test_a_request_blocked_by_a_taken_hold_waits_without_spinning(
-    tiny: MoEDecoder, monkeypatch: pytest.MonkeyPatch
+    model: MoEDecoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ "b" took its hold (its K/V are on the way), so "c", which needs all 8 blocks, cannot
     run yet: the loop waits instead of retrying, and "c" runs once "b"'s hold comes back."""
@@ -243,11 +235,8 @@ def test_a_request_blocked_by_a_taken_hold_waits_without_spinning(
     monkeypatch.setattr(Engine, "_unpin", counted)
 
     async def scenario() -> tuple[int, list[int]]:
-        engine, _ = make_engine(tiny, 8)
-        engine.start()
-        try:
-            first, kv = whole_kv(tiny, QUESTIONS[0])
-            await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
+        async with running(model, 8) as (engine, _):
+            await receive(engine, model, "a", QUESTIONS[0])
             assert engine.hold_prefix("b", QUESTIONS[1], ttl_s=3600.0) == 48
             hold = engine.holds.take("b")
             params = SamplingParams(max_tokens=20, temperature=0.0, stop_token_ids=())
@@ -261,36 +250,25 @@ def test_a_request_blocked_by_a_taken_hold_waits_without_spinning(
             out = await asyncio.wait_for(blocked, timeout=30.0)
             await settled(engine)
             return waited, out
-        finally:
-            await engine.stop()
 
     waited, out = run(scenario())
     assert waited <= 3  # spinning, it was tens of thousands
     assert len(out) == 20
 
 
-def test_a_hold_is_not_used_for_another_prompt(tiny: MoEDecoder) -> None:
+def test_a_hold_is_not_used_for_another_prompt(model: MoEDecoder) -> None:
     """A generate call whose prompt is not the one the hold was made for gets no held
     blocks: its whole K/V are used, and it decodes its own generate_greedy tokens."""
     other = [BOS, *range(1, 70)]
-    expected = generate_greedy(tiny, other, 10)
+    expected = generate_greedy(model, other, 10)
 
     async def scenario() -> tuple[list[int], Engine]:
-        engine, _ = make_engine(tiny, 32)
-        engine.start()
-        try:
-            first, kv = whole_kv(tiny, QUESTIONS[0])
-            await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
+        async with running(model, 32) as (engine, _):
+            await receive(engine, model, "a", QUESTIONS[0])
             assert engine.hold_prefix("b", QUESTIONS[1], ttl_s=3600.0) == 48
-            first, kv = whole_kv(tiny, other)
-            hold = engine.holds.take("b")
-            tokens = await tokens_of(
-                engine.submit("b", other, GREEDY, first_token=first, kv=kv, hold=hold)
-            )
+            tokens = await receive(engine, model, "b", other, hold=engine.holds.take("b"))
             await settled(engine)
             return tokens, engine
-        finally:
-            await engine.stop()
 
     tokens, engine = run(scenario())
     assert tokens == expected
@@ -298,44 +276,37 @@ def test_a_hold_is_not_used_for_another_prompt(tiny: MoEDecoder) -> None:
 
 
 def test_an_untaken_hold_gives_way_before_a_running_request_is_preempted(
-    tiny: MoEDecoder,
+    model: MoEDecoder,
 ) -> None:
     """8 blocks, 3 of them held for "h": "r" grows to 100 tokens (7 blocks) while running;
     the hold is dropped for it, and nothing is preempted."""
     prompt = [BOS, *range(1, 40)]
     params = SamplingParams(max_tokens=60, temperature=0.0, stop_token_ids=())
-    expected = generate_greedy(tiny, prompt, 60)
+    expected = generate_greedy(model, prompt, 60)
 
     async def scenario() -> tuple[list[int], float, Engine]:
-        engine, metrics = make_engine(tiny, 8)
-        engine.start()
-        try:
-            first, kv = whole_kv(tiny, QUESTIONS[0])
-            await tokens_of(engine.submit("a", QUESTIONS[0], GREEDY, first_token=first, kv=kv))
+        async with running(model, 8) as (engine, metrics):
+            await receive(engine, model, "a", QUESTIONS[0])
             assert engine.hold_prefix("h", QUESTIONS[1], ttl_s=3600.0) == 48
             tokens = await tokens_of(engine.submit("r", prompt, params))
             preempted = metrics.registry.get_sample_value("vllm:num_preemptions_total", LABELS)
             await settled(engine)
             return tokens, preempted or 0.0, engine
-        finally:
-            await engine.stop()
 
     tokens, preempted, engine = run(scenario())
     assert tokens == expected and preempted == 0.0 and len(engine.holds) == 0
 
 
-def test_a_finished_answer_stays_cached_for_the_next_turn(tiny: MoEDecoder) -> None:
+def test_a_finished_answer_stays_cached_for_the_next_turn(model: MoEDecoder) -> None:
     """Turn 2's prompt is turn 1's prompt, its answer and a new question: the 5 full blocks
     of turn 1's prompt and answer are reused (only the prompt's 3 without output caching)."""
     first_turn = QUESTIONS[0]  # 60 tokens
-    answer = generate_greedy(tiny, first_turn, 30)
+    answer = generate_greedy(model, first_turn, 30)
     second_turn = first_turn + answer + list(b"Why?")
-    expected = generate_greedy(tiny, second_turn, 10)
+    expected = generate_greedy(model, second_turn, 10)
 
     async def scenario() -> tuple[list[int], float]:
-        engine, metrics = make_engine(tiny, 32)
-        engine.start()
-        try:
+        async with running(model, 32) as (engine, metrics):
             params = SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=())
             assert await tokens_of(engine.submit("t1", first_turn, params)) == answer
             await settled(engine)
@@ -344,8 +315,6 @@ def test_a_finished_answer_stays_cached_for_the_next_turn(tiny: MoEDecoder) -> N
             after = metrics.registry.get_sample_value("vllm:prefix_cache_hits_total", LABELS)
             await settled(engine)
             return tokens, (after or 0.0) - (before or 0.0)
-        finally:
-            await engine.stop()
 
     tokens, hits = run(scenario())
     assert tokens == expected
@@ -414,12 +383,12 @@ def kv_bytes(server: PrefillServer | DecodeServer) -> float:
     ("topology", "decode_prefix_caching"), [("PD", True), ("PD", False), ("PDAF", True)]
 )
 def test_pd_sends_only_what_the_decode_worker_lacks(
-    tiny: MoEDecoder, topology: str, decode_prefix_caching: bool
+    model: MoEDecoder, topology: str, decode_prefix_caching: bool
 ) -> None:
     """Three prompts sharing a system prompt through the router: the decode (or attention)
     worker holds the system prompt's 3 blocks after the first, so the next two send the K/V
     of their own tokens only; without prefix caching on it every token is sent."""
-    expected = [generate_greedy(tiny, prompt, 12) for prompt in QUESTIONS]
+    expected = [generate_greedy(model, prompt, 12) for prompt in QUESTIONS]
     per_token = CONFIG.kv_bytes_per_token
 
     async def scenario() -> tuple[list[list[int]], list[float], float]:
@@ -514,10 +483,10 @@ def test_hold_requests_with_bad_fields_are_refused_naming_them() -> None:
     assert params == ["request_id", "prompt_tokens", "ttl_s", "ttl_s", "decode_cached_tokens"]
 
 
-def test_a_tensor_parallel_decode_worker_holds_prefixes_exactly(tiny: MoEDecoder) -> None:
+def test_a_tensor_parallel_decode_worker_holds_prefixes_exactly(model: MoEDecoder) -> None:
     """The decode worker over two ranks: the held blocks are rank 0's tables, which its
     follower adopts with the request; the tail lands after them on every rank."""
-    expected = [generate_greedy(tiny, prompt, 12) for prompt in QUESTIONS]
+    expected = [generate_greedy(model, prompt, 12) for prompt in QUESTIONS]
 
     async def scenario() -> tuple[list[list[int]], float]:
         async with plane("PD", tensor_parallel={"decode": 2}) as p:

@@ -61,6 +61,7 @@ from kleave.workers.serve.sampling import SamplingParams, sample
 from kleave.workers.tokenizer import BOS, EOS, ByteTokenizer
 from kleave.workers.transport.kv_transfer import Backend, KVReceiver
 
+pytest_plugins = ("workers_fixtures",)  # the `model` and `reference` fixtures
 HANG_GUARD = 120.0  # seconds; reached only when something is broken
 CONFIG = MODEL_PRESETS["tiny"]
 PROMPTS = [
@@ -77,17 +78,6 @@ def run(coro: Awaitable[Any]) -> Any:
             return await coro
 
     return asyncio.run(guarded())
-
-
-@pytest.fixture(scope="module")
-def model() -> MoEDecoder:
-    return MoEDecoder(CONFIG, seed=0)
-
-
-@pytest.fixture(scope="module")
-def reference(model: MoEDecoder) -> list[list[int]]:
-    """generate_greedy of every prompt, 24 tokens, EOS not stopping."""
-    return [generate_greedy(model, prompt, 24) for prompt in PROMPTS]
 
 
 # ----- metrics ------------------------------------------------------------------------------

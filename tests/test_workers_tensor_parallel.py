@@ -57,18 +57,8 @@ from test_workers_serve import (
     run,
 )
 
+pytest_plugins = ("workers_fixtures",)  # the `model` and `reference` fixtures
 DENSE = MODEL_PRESETS["tiny-dense"]
-
-
-@pytest.fixture(scope="module")
-def model() -> MoEDecoder:
-    return MoEDecoder(CONFIG, seed=0)
-
-
-@pytest.fixture(scope="module")
-def reference(model: MoEDecoder) -> list[list[int]]:
-    """generate_greedy of every prompt, 24 tokens (the serving tests' reference)."""
-    return [generate_greedy(model, prompt, 24) for prompt in PROMPTS]
 
 
 # ----- the slices ------------------------------------------------------------------------------

@@ -361,7 +361,7 @@ class Engine:
                 self._wake.clear()  # whatever happens from here on wakes the waits below
                 self._reap()
                 self.holds.expire(self.cache)
-                if not self._running and not self._prefilling and not self._waiting:
+                if self._idle() and not self._waiting:
                     self._gauges()
                     await self._wake.wait()
                     continue

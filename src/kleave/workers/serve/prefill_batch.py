@@ -58,26 +58,6 @@ class PrefillJob:
             self.error = error
 
 
-def prefill_and_send(
-    model: Decoder,
-    tokens: list[int],
-    sender: LayerSink,
-    request_id: str,
-    cache: PrefixCache | None = None,
-    *,
-    skip: int = 0,
-) -> tuple[torch.Tensor, int]:
-    """One prompt (`MoEDecoder.prefill` after its longest cached prefix), each layer's K/V
-    from position `skip` on handed to the sender as soon as it exists; -> (last logits,
-    cached tokens reused). A sender that fails raises here."""
-    job = PrefillJob(request_id, tokens, sender, skip)
-    prefill_jobs(model, [job], cache)
-    if job.error is not None:
-        raise job.error
-    assert job.logits is not None
-    return job.logits, job.cached
-
-
 def prefill_jobs(model: Decoder, jobs: Sequence[PrefillJob], cache: PrefixCache | None) -> None:
     """Prefill every job (runs on the model thread, the prefix cache's only user)."""
     hits = [cache.lookup(job.tokens) if cache is not None else PrefixHit(0, None) for job in jobs]

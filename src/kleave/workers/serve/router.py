@@ -47,7 +47,6 @@ from kleave.workers.serve.routing import (
     PrefixChoice,
     WorkerState,
     choose_by_prefix,
-    least_loaded,
 )
 from kleave.workers.serve.worker_client import WorkerFailedError, post_json, stream_events
 from kleave.workers.tokenizer import ByteTokenizer, IncrementalDecoder
@@ -354,12 +353,6 @@ class Router:
         why = "; ".join(f"{w.url}: {w.last_error}" for w in known if w.last_error)
         why = why or self.resolve_errors.get(role) or "none found"
         return ApiError(503, f"no {role} worker is ready (pool {pool.url}): {why}")
-
-    def pick(self, role: str, avoid: Collection[WorkerState] = ()) -> WorkerState:
-        ready = self.ready_workers(role, avoid)
-        if not ready:
-            raise self.no_worker(role)
-        return least_loaded(ready)
 
     def choose(
         self,
